@@ -1,0 +1,1 @@
+"""The userspace engine: WireGuard (sans-IO core, UDP adapter), peer routing, pendopen tracking."""

@@ -1,0 +1,99 @@
+"""Rendering of ``GET /localapi/v0/status`` in Tailscale's ipnstate.Status shape."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+from nodeagent.tailcfg import Node
+from nodeagent.version import __version__
+
+if TYPE_CHECKING:
+    from nodeagent.backend import LocalBackend
+
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def rfc3339(ts: float | None) -> str:
+    """Unix seconds → RFC 3339 UTC with nanosecond digits trimmed as Go does; 0/None → zero time."""
+    if not ts:
+        return ZERO_TIME
+    t = dt.datetime.fromtimestamp(ts, tz=dt.UTC)
+    base = t.strftime("%Y-%m-%dT%H:%M:%S")
+    frac = f"{t.microsecond:06d}".rstrip("0")
+    return f"{base}.{frac}Z" if frac else f"{base}Z"
+
+
+def _relay_code(backend: LocalBackend, region: int) -> str:
+    nm = backend.netmap
+    if not region or nm is None or nm.DERPMap is None:
+        return ""
+    r = nm.DERPMap.Regions.get(region)
+    return r.RegionCode if r else ""
+
+
+def peer_status(backend: LocalBackend, n: Node, *, is_self: bool = False) -> dict[str, Any]:
+    stats = backend.peer_stats(n.Key) if not is_self else {}
+    return {
+        "ID": n.StableID or (str(n.ID) if n.ID else ""),
+        "PublicKey": n.Key,
+        "HostName": n.HostName,
+        "DNSName": n.Name,
+        "OS": n.OS or ("linux" if is_self else ""),
+        "UserID": n.User,
+        "TailscaleIPs": n.tailscale_ips(),
+        "AllowedIPs": list(n.AllowedIPs),
+        "PrimaryRoutes": list(n.PrimaryRoutes) or None,
+        "Addrs": list(n.Endpoints) or None,
+        "CurAddr": stats.get("CurAddr", ""),
+        "Relay": _relay_code(backend, n.HomeDERP),
+        "RxBytes": stats.get("RxBytes", 0),
+        "TxBytes": stats.get("TxBytes", 0),
+        "Created": rfc3339(n.Created),
+        "LastWrite": rfc3339(stats.get("LastWrite")),
+        "LastSeen": rfc3339(n.LastSeen),
+        "LastHandshake": rfc3339(stats.get("LastHandshake")),
+        "Online": bool(n.Online) if not is_self else backend.backend_state == "Running",
+        "Active": bool(stats.get("Active", False)),
+        "ExitNode": False,
+        "ExitNodeOption": any(r in ("0.0.0.0/0", "::/0") for r in n.AllowedIPs),
+        "InNetworkMap": True,
+        "InMagicSock": bool(stats),
+        "InEngine": bool(stats),
+        "CapMap": dict(n.CapMap) if n.CapMap else None,
+        "KeyExpiry": rfc3339(n.KeyExpiry) if n.KeyExpiry else None,
+        "Expired": n.Expired,
+    }
+
+
+def build_status(backend: LocalBackend, *, peers: bool = True) -> dict[str, Any]:
+    nm = backend.netmap
+    self_node = backend.self_node
+    users: dict[str, Any] = {}
+    if nm is not None:
+        for uid, up in nm.UserProfiles.items():
+            users[str(uid)] = {"ID": up.ID, "LoginName": up.LoginName,
+                               "DisplayName": up.DisplayName, "ProfilePicURL": up.ProfilePicURL}
+    suffix = nm.Domain if nm is not None else ""
+    peer_map: dict[str, Any] = {}
+    if peers and nm is not None:
+        for p in nm.Peers:
+            peer_map[p.Key] = peer_status(backend, p)
+    return {
+        "Version": __version__,
+        "TUN": backend.wrapper is not None,
+        "BackendState": backend.backend_state,
+        "HaveNodeKey": True,
+        "AuthURL": "",
+        "TailscaleIPs": self_node.tailscale_ips(),
+        "Self": peer_status(backend, self_node, is_self=True),
+        "Health": list(backend.health()),
+        "MagicDNSSuffix": suffix,
+        "CurrentTailnet": (
+            {"Name": suffix, "MagicDNSSuffix": suffix, "MagicDNSEnabled": False}
+            if nm is not None else None
+        ),
+        "Peer": peer_map,
+        "User": users,
+        "ClientVersion": None,
+    }

@@ -1,0 +1,1 @@
+"""The LocalAPI: Tailscale-compatible HTTP over a Unix socket (/localapi/v0/...)."""

@@ -1,0 +1,27 @@
+"""Shared pytest configuration: feature markers and small fixtures used across the suite.
+
+``@pytest.mark.feature("connreject")`` skips a test when that feature is not installed (the
+``core`` and ``omit-connreject`` tox envs); ``@pytest.mark.omitted("connreject")`` marks tests that
+prove a feature's absence and skips them where it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+
+def feature_installed(name: str) -> bool:
+    return importlib.util.find_spec(f"nodeagent_{name}") is not None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for m in item.iter_markers(name="feature"):
+        name = m.args[0]
+        if not feature_installed(name):
+            pytest.skip(f"feature {name} is not installed in this environment")
+    for m in item.iter_markers(name="omitted"):
+        name = m.args[0]
+        if feature_installed(name):
+            pytest.skip(f"feature {name} is installed; this test proves its absence")
