@@ -21,6 +21,7 @@ PROTO_TCP = 6
 PROTO_UDP = 17
 PROTO_ICMPV6 = 58
 PROTO_TSMP = 99
+PROTO_SCTP = 132  # parsed for its ports, like TCP/UDP
 PROTO_FRAGMENT = -1  # a non-first fragment: ports unknown, filter treats it specially
 
 # TCP flag bits (as in the TCP header's flags byte).
@@ -30,6 +31,22 @@ TCP_RST = 0x04
 TCP_PSH = 0x08
 TCP_ACK = 0x10
 TCP_URG = 0x20
+TCP_ECE = 0x40
+TCP_CWR = 0x80
+
+# ICMP message types the data plane looks at (ICMPv4 / ICMPv6).
+ICMP4_ECHO_REPLY = 0
+ICMP4_UNREACH = 3
+ICMP4_ECHO_REQUEST = 8
+ICMP4_TIME_EXCEEDED = 11
+ICMP4_CODE_ADMIN_PROHIBITED = 13
+ICMP6_UNREACH = 1
+ICMP6_PACKET_TOO_BIG = 2
+ICMP6_TIME_EXCEEDED = 3
+ICMP6_PARAM_PROBLEM = 4
+ICMP6_ECHO_REQUEST = 128
+ICMP6_ECHO_REPLY = 129
+ICMP6_CODE_ADMIN_PROHIBITED = 1
 
 
 class Parsed:
