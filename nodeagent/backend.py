@@ -159,6 +159,8 @@ class LocalBackend:
             setter = getattr(self.engine, "set_fast_failure", None)
             if setter is not None:
                 setter(self.prefs.FastFailure)
+        self.extensions.fire("nodeagent_prefs_change", backend=self, prefs=self.prefs,
+                             changed=changed)
 
     # --- health ---------------------------------------------------------------------------
     def set_health(self, key: str, problem: str | None) -> None:

@@ -43,6 +43,11 @@ class BackendSpec:
         ``node`` is the new self node; read node attributes with ``node.has_cap(name)``."""
 
     @hookspec
+    def nodeagent_prefs_change(self, backend: LocalBackend, prefs: Any, changed: list[str]) -> None:
+        """Fires after prefs were edited and persisted, with the names of the fields that
+        changed (ipn.Prefs names, e.g. ``ConnRejectMaxEntries``)."""
+
+    @hookspec
     def nodeagent_tundev_ready(self, backend: LocalBackend, wrapper: Any) -> None:
         """Fires when a TUN Wrapper is attached to the backend (again after each replacement).
         The wrapper exposes setters such as ``set_conn_reject_note(fn)``."""

@@ -16,4 +16,10 @@ def _extension() -> object:
     return ConnRejectExtension()
 
 
-FEATURE = Feature(name="connreject", description=DESCRIPTION, extension=_extension)
+def _cli() -> object:
+    from nodeagent_connreject import cli
+
+    return cli
+
+
+FEATURE = Feature(name="connreject", description=DESCRIPTION, extension=_extension, cli=_cli())

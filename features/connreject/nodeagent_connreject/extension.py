@@ -1,24 +1,123 @@
-"""The connreject extension: one instance per LocalBackend.
+"""The connreject extension: one Aggregator per LocalBackend, wired to the data plane.
 
-It registers itself and nothing more yet; the aggregator, its data-plane callbacks and its
-endpoints arrive with the connreject issue.
+It installs one note callback on the TUN Wrapper and on the engine whenever either becomes ready
+(and again when replaced), removes it when they stop and at shutdown, flips its recording gate on
+the ``debug-conn-reject`` node attribute at every self-node change, and serves the aggregate on
+LocalAPI ``GET /localapi/v0/debug-rejects`` and c2n ``GET /debug/rejects``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from aiohttp import web
+
+from nodeagent.c2n import C2NRequest, C2NResponse
 from nodeagent.ipnext import hookimpl
+from nodeagent.localapi.routes import READ
+from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT
+from nodeagent_connreject.aggregator import Aggregator, Event, default_max_entries
+
+log = logging.getLogger("nodeagent.connreject")
+
+LOCALAPI_ENDPOINT = "debug-rejects"
+C2N_PATH = "/debug/rejects"
 
 
 class ConnRejectExtension:
     def __init__(self) -> None:
         self.backend: Any = None
+        self.aggregator = Aggregator(default_max_entries())
+        self._attached: list[Any] = []  # wrapper/engine objects our callback is installed on
 
+    # --- the callback the data plane calls -------------------------------------------------
+    def note(self, direction: str, proto: int, src: str, dst: str, reason: str, source: str,
+             maybe_broken: bool) -> None:
+        agg = self.aggregator
+        if agg._enabled:  # skip building an Event that would be dropped anyway
+            agg.note(Event(direction, proto, src, dst, reason, source, maybe_broken))
+
+    # --- lifecycle -------------------------------------------------------------------------
     @hookimpl
     def nodeagent_extension_init(self, backend: Any) -> None:
         self.backend = backend
+        configured = getattr(backend.prefs, "ConnRejectMaxEntries", 0)
+        if configured:
+            self.aggregator.set_max_entries(configured)
 
     @hookimpl
     def nodeagent_extension_shutdown(self, backend: Any) -> None:
+        for obj in list(self._attached):
+            self._detach(obj)
+        self.aggregator.set_enabled(False)
         self.backend = None
+
+    @hookimpl
+    def nodeagent_prefs_change(self, backend: Any, prefs: Any, changed: list[str]) -> None:
+        if "ConnRejectMaxEntries" in changed:
+            self.aggregator.set_max_entries(prefs.ConnRejectMaxEntries or default_max_entries())
+
+    @hookimpl
+    def nodeagent_self_change(self, backend: Any, node: Any) -> None:
+        want = bool(node.has_cap(NODE_ATTR_CONN_REJECT))
+        prev = self.aggregator.set_enabled(want)
+        if prev != want:
+            log.info("connreject: %s via NodeAttrConnReject", "enabled" if want else "disabled")
+
+    # --- data plane attachment ---------------------------------------------------------------
+    def _attach(self, obj: Any) -> None:
+        obj.set_conn_reject_note(self.note)
+        if obj not in self._attached:
+            self._attached.append(obj)
+
+    def _detach(self, obj: Any) -> None:
+        if obj in self._attached:
+            self._attached.remove(obj)
+            obj.set_conn_reject_note(None)
+
+    @hookimpl
+    def nodeagent_tundev_ready(self, backend: Any, wrapper: Any) -> None:
+        self._attach(wrapper)
+
+    @hookimpl
+    def nodeagent_tundev_stopping(self, backend: Any, wrapper: Any) -> None:
+        self._detach(wrapper)
+
+    @hookimpl
+    def nodeagent_engine_ready(self, backend: Any, engine: Any) -> None:
+        self._attach(engine)
+
+    @hookimpl
+    def nodeagent_engine_stopping(self, backend: Any, engine: Any) -> None:
+        self._detach(engine)
+
+    # --- endpoints -------------------------------------------------------------------------
+    @hookimpl
+    def nodeagent_localapi_routes(self, backend: Any, routes: Any) -> None:
+        async def debug_rejects(request: web.Request) -> web.StreamResponse:
+            return web.json_response(self.aggregator.response())
+
+        routes.add(LOCALAPI_ENDPOINT, debug_rejects, {"GET": READ})
+
+    @hookimpl
+    def nodeagent_c2n_routes(self, backend: Any, routes: Any) -> None:
+        async def debug_rejects(req: C2NRequest) -> C2NResponse:
+            return C2NResponse.json(self.aggregator.response())
+
+        routes.add("GET", C2N_PATH, debug_rejects)
+
+    @hookimpl
+    def nodeagent_metrics(self, backend: Any) -> list[tuple[str, str, dict[str, str], float]]:
+        agg = self.aggregator
+        samples: list[tuple[str, str, dict[str, str], float]] = [
+            ("nodeagent_connreject_enabled", "Whether rejection recording is on (node attribute)",
+             {}, 1.0 if agg.enabled else 0.0),
+            ("nodeagent_connreject_evicted_total", "Aggregated rejections evicted by the LRU",
+             {}, agg.evicted),
+        ]
+        for (direction, reason), n in sorted(agg.noted.items()):
+            samples.append(("nodeagent_connreject_noted_total",
+                            "Connection rejections recorded, by direction and reason",
+                            {"direction": direction, "reason": reason}, n))
+        return samples
