@@ -1,0 +1,267 @@
+"""The Linux TUN device adapter: one non-blocking /dev/net/tun fd, batched reads, counted writes.
+
+``TunDevice.create`` opens the device (IFF_TUN | IFF_NO_PI: every read/write is one bare IP
+packet) and configures it through :mod:`nodeagent.tundev.netconf`. With ``netns`` the link is
+created here under a kernel-chosen temporary name, moved into that namespace and only then renamed
+and configured, so this process stays in its own namespace, the wanted name can never collide
+with (or attach to) a device of ours, and the fd keeps working after the move. Closing the fd
+makes the kernel delete the link wherever it lives.
+
+The read side is an event-loop reader that drains up to ``READ_BATCH`` packets per wakeup and
+hands them over as one list; the write side writes each packet and counts, never raises, the
+drops a full queue or a down link cause. Offloads (IFF_VNET_HDR, TUNSETOFFLOAD) are not used yet:
+``_open_tun`` takes the flag word so adding them changes the open and the framing only.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from nodeagent.tundev import netconf
+
+TUN_DEV = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000  # not used yet; would prefix each packet with a virtio_net_hdr
+IFNAMSIZ = 16
+_IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags in a 24-byte union
+
+READ_BATCH = 64  # packets per reader wakeup; the reader fires again if more are queued
+# A read must cover the largest packet the kernel might queue: MTU can be raised behind our back,
+# and a short read silently truncates. os.read shrinks the result in place, so this costs little.
+READ_SIZE = 65535
+TMP_NAME_PATTERN = "natun%d"  # kernel fills %d; used before a move into another namespace
+
+_READ_FATAL = frozenset({errno.EBADF, errno.EBADFD, errno.ENODEV, errno.ENXIO})
+
+
+class TunError(Exception):
+    """Creating or configuring a TUN device failed; one line saying what and why."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def validate_ifname(name: str) -> None:
+    """Linux interface-name rules (dev_valid_name), checked before any syscall."""
+    if not name:
+        raise TunError("TUN name is empty")
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) >= IFNAMSIZ:
+        raise TunError(f"TUN name {name!r} is {len(raw)} bytes; Linux allows at most "
+                       f"{IFNAMSIZ - 1}")
+    if name in (".", "..") or "/" in name or ":" in name or any(c.isspace() for c in name):
+        raise TunError(f"TUN name {name!r} is not a valid interface name "
+                       f"(no '/', ':', whitespace, '.' or '..')")
+
+
+def _open_tun(name: str, flags: int) -> tuple[int, str]:
+    """Open /dev/net/tun non-blocking and attach it to ``name``; return (fd, kernel's name)."""
+    try:
+        fd = os.open(TUN_DEV, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TunError(f"cannot create TUN {name!r}: {TUN_DEV} does not exist (is the tun "
+                       f"module loaded / the device passed into the container?)",
+                       errno.ENOENT) from None
+    except PermissionError as e:
+        raise TunError(f"cannot create TUN {name!r}: no permission to open {TUN_DEV} "
+                       f"(needs root or CAP_NET_ADMIN)", e.errno) from None
+    except OSError as e:
+        raise TunError(f"cannot create TUN {name!r}: opening {TUN_DEV}: {e.strerror}",
+                       e.errno) from None
+    try:
+        ifr = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), flags))
+    except OSError as e:
+        os.close(fd)
+        raise TunError(f"cannot create TUN {name!r}: {_setiff_reason(e)}", e.errno) from None
+    return fd, ifr[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+
+
+def _current_name(fd: int) -> str:
+    ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
+    return ifr[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+
+
+def _setiff_reason(e: OSError) -> str:
+    if e.errno == errno.EPERM:
+        return "permission denied (needs CAP_NET_ADMIN)"
+    if e.errno == errno.EBUSY:
+        return "an interface of that name is already attached to another process"
+    if e.errno == errno.EINVAL:
+        return "an interface of that name exists and is not a TUN device (or bad flags)"
+    return f"TUNSETIFF failed: {e.strerror}"
+
+
+class TunDevice:
+    """An open TUN device. Create with :meth:`create`; satisfies the Wrapper's ``TunLike``."""
+
+    __slots__ = ("_fd", "_name", "_mtu", "_netns", "_ifindex", "_loop", "_on_packets",
+                 "write_errors", "read_errors", "last_write_errno", "last_read_errno")
+
+    def __init__(self, fd: int, name: str, mtu: int, netns: str | None, ifindex: int) -> None:
+        self._fd = fd
+        self._name = name
+        self._mtu = mtu
+        self._netns = netns
+        self._ifindex = ifindex
+        self._loop: Any = None
+        self._on_packets: Callable[[list[bytes]], None] | None = None
+        self.write_errors = 0  # packets write_many dropped (queue full, link down, rejected)
+        self.read_errors = 0
+        self.last_write_errno = 0
+        self.last_read_errno = 0
+
+    # --- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, *, mtu: int = 1280, addresses: Iterable[str] = (),
+               routes: Iterable[str] = (), netns: str | None = None) -> TunDevice:
+        """Open and configure a TUN: MTU, up, addresses (IPv6 without DAD), routes via it.
+
+        ``addresses`` are ``addr/prefixlen`` strings (a bare address means a host prefix);
+        ``routes`` are prefixes routed out of the device. With ``netns`` the link ends up in
+        that named namespace while this process stays where it is. Raises :class:`TunError`.
+        """
+        validate_ifname(name)
+        if not 68 <= mtu <= 65535:
+            raise TunError(f"TUN {name!r}: MTU {mtu} outside 68..65535")
+        if netns is not None:
+            try:
+                os.close(netconf.open_netns(netns))  # fail before creating anything
+            except netconf.NetconfError as e:
+                raise TunError(f"cannot create TUN {name!r}: {e}", e.errno) from None
+        fd, kname = _open_tun(TMP_NAME_PATTERN if netns is not None else name,
+                              IFF_TUN | IFF_NO_PI)
+        try:
+            if netns is not None:
+                netconf.move_link_to_netns(kname, netns)
+            ifindex = netconf.configure_link(kname, netns=netns,
+                                             rename_to=name if netns is not None else None,
+                                             mtu=mtu,
+                                             addresses=addresses, routes=routes)
+            kname = _current_name(fd)  # a "%d" pattern was resolved by the kernel
+        except netconf.NetconfError as e:
+            os.close(fd)  # the kernel deletes the half-configured link with its last fd
+            raise TunError(f"cannot set up TUN {name!r}: {e}", e.errno) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, kname, mtu, netns, ifindex)
+
+    # --- properties -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    @property
+    def fd(self) -> int:
+        """The TUN fd, or -1 once closed."""
+        return self._fd
+
+    @property
+    def netns(self) -> str | None:
+        return self._netns
+
+    @property
+    def ifindex(self) -> int:
+        """The link's index inside the namespace it lives in."""
+        return self._ifindex
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    # --- configuration after creation ---------------------------------------------------------
+    def add_routes(self, prefixes: Iterable[str], *, replace: bool = True) -> None:
+        """Route more prefixes out of the device (idempotent by default). Raises TunError."""
+        for p in prefixes:
+            try:
+                netconf.add_route(self._name, p, netns=self._netns, replace=replace)
+            except netconf.NetconfError as e:
+                raise TunError(str(e), e.errno) from None
+
+    def del_routes(self, prefixes: Iterable[str]) -> None:
+        for p in prefixes:
+            try:
+                netconf.del_route(self._name, p, netns=self._netns)
+            except netconf.NetconfError as e:
+                raise TunError(str(e), e.errno) from None
+
+    # --- data path --------------------------------------------------------------------------
+    def start(self, loop: Any, on_packets: Callable[[list[bytes]], None]) -> None:
+        """Deliver packets the host sends into the device, in batches, on ``loop``."""
+        if self._fd < 0:
+            raise TunError(f"TUN {self._name!r} is closed")
+        if self._loop is not None:
+            raise TunError(f"TUN {self._name!r} is already started")
+        self._loop = loop
+        self._on_packets = on_packets
+        loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        fd = self._fd
+        read = os.read
+        batch: list[bytes] = []
+        try:
+            for _ in range(READ_BATCH):
+                batch.append(read(fd, READ_SIZE))
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self.read_errors += 1
+            self.last_read_errno = e.errno or 0
+            if e.errno in _READ_FATAL:
+                # The link is gone; stop the reader instead of spinning on a dead fd.
+                self._remove_reader()
+        if batch:
+            cb = self._on_packets
+            if cb is not None:
+                cb(batch)
+
+    def write_many(self, pkts: list[bytes]) -> None:
+        """Write each packet to the host; failures are counted in ``write_errors`` (the last
+        errno in ``last_write_errno``), never raised."""
+        fd = self._fd
+        if fd < 0:
+            self.write_errors += len(pkts)
+            return
+        write = os.write
+        for pkt in pkts:
+            try:
+                write(fd, pkt)
+            except OSError as e:
+                # EAGAIN/ENOBUFS (queue full), EIO (link down), EINVAL (not an IP packet): a
+                # drop, like a full NIC queue. Raising here would abort the rest of the batch.
+                self.write_errors += 1
+                self.last_write_errno = e.errno or 0
+
+    # --- teardown ---------------------------------------------------------------------------
+    def _remove_reader(self) -> None:
+        loop = self._loop
+        self._loop = None
+        if loop is not None and self._fd >= 0 and not loop.is_closed():
+            loop.remove_reader(self._fd)
+
+    def close(self) -> None:
+        """Stop reading and close the fd; the kernel then deletes the link. Idempotent."""
+        if self._fd < 0:
+            return
+        self._remove_reader()
+        self._on_packets = None
+        fd, self._fd = self._fd, -1
+        os.close(fd)
+
+    def __repr__(self) -> str:
+        where = f" netns={self._netns!r}" if self._netns else ""
+        return f"<TunDevice {self._name!r} fd={self._fd} mtu={self._mtu}{where}>"
