@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from nodeagent.engine.pendopen import PeerInfo, PendingOpens, PendingFlow
+from nodeagent.engine.pendopen import PeerInfo, PendingFlow, PendingOpens
 from nodeagent.engine.routes import RouteTable
 from nodeagent.packet import (
     TSMPReject,
