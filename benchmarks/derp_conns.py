@@ -1,0 +1,125 @@
+"""Benchmark: N idle logged-in DERP clients; server RSS per client and packet RTT under that load.
+
+The DerpServer runs behind aiohttp in its own process; this process opens N clients (default
+10 000), each doing the full HTTP upgrade and boxed login, then leaves them idle. Prints the
+server's RSS growth per client, and the round-trip time of a packet A→B→A between two extra
+clients, before the load and with the N clients connected (and their ratio).
+
+    python3 benchmarks/derp_conns.py [--clients 10000] [--rtts 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."),
+                os.path.join(os.path.dirname(__file__), "..", "features", "derper")]
+sys.path.insert(0, os.path.dirname(__file__))
+
+from derp_relay import _use_uvloop, start_derp_process  # noqa: E402
+from nacl.public import PrivateKey  # noqa: E402
+
+from nodeagent.derp.client import DerpClient, ReceivedPacket  # noqa: E402
+
+
+def raise_nofile(want: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def rtt_samples(a: DerpClient, b: DerpClient, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        payload = i.to_bytes(4, "big") + bytes(96)
+        t0 = time.perf_counter()
+        await a.send(b.public_key, payload)
+        while not isinstance(ev := await b.recv(), ReceivedPacket):
+            pass
+        await b.send(a.public_key, ev.data)
+        while not isinstance(await a.recv(), ReceivedPacket):
+            pass
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def fmt(samples: list[float]) -> str:
+    s = sorted(samples)
+    return (f"median {statistics.median(s):.3f} ms, p99 {s[int(len(s) * 0.99) - 1]:.3f} ms, "
+            f"max {s[-1]:.3f} ms")
+
+
+async def run(port: int, key: bytes, pid: int, n: int, rtts: int) -> None:
+    url = f"http://127.0.0.1:{port}/derp"
+    a = await DerpClient.connect(url, bytes(PrivateKey.generate()))
+    b = await DerpClient.connect(url, bytes(PrivateKey.generate()))
+    await rtt_samples(a, b, rtts)  # warm-up, discarded
+    idle = await rtt_samples(a, b, rtts)
+    base = rss_kib(pid)
+    sem = asyncio.Semaphore(256)
+    clients: list[DerpClient] = []
+    keys = [bytes(PrivateKey.generate()) for _ in range(n)]
+
+    async def one(k: bytes) -> None:
+        async with sem:
+            clients.append(await DerpClient.connect(url, k, timeout=60))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in keys))
+    login_s = time.perf_counter() - t0
+    await asyncio.sleep(1.0)  # let the server settle before measuring memory
+    loaded_rss = rss_kib(pid)
+    loaded = await rtt_samples(a, b, rtts)
+    print(f"clients: {len(clients)} logged in over {login_s:.1f} s "
+          f"({len(clients) / login_s:,.0f} logins/s)")
+    print(f"server RSS: {base / 1024:.1f} MiB before, {loaded_rss / 1024:.1f} MiB with clients; "
+          f"{(loaded_rss - base) * 1024 / len(clients) / 1024:.1f} KiB per client")
+    print(f"RTT A->B->A idle server : {fmt(idle)}")
+    print(f"RTT A->B->A under load  : {fmt(loaded)}")
+    print(f"ratio loaded/idle median RTT: "
+          f"{statistics.median(loaded) / statistics.median(idle):.2f}")
+    for c in clients:
+        await c.close()
+    await a.close()
+    await b.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=10_000)
+    ap.add_argument("--rtts", type=int, default=500)
+    args = ap.parse_args()
+    limit = raise_nofile(args.clients * 2 + 1024)  # the child process inherits this
+    if limit < args.clients + 256:
+        sys.exit(f"RLIMIT_NOFILE is {limit}; cannot hold {args.clients} clients")
+    proc, port, key = start_derp_process()
+    loopname = _use_uvloop()
+    print(f"loop {loopname}, RLIMIT_NOFILE {limit}")
+    try:
+        asyncio.run(run(port, key, proc.pid, args.clients, args.rtts))  # type: ignore[arg-type]
+    finally:
+        proc.terminate()
+        proc.join(5)
+
+
+if __name__ == "__main__":
+    main()
