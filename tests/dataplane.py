@@ -21,6 +21,7 @@ from typing import Any
 
 from nodeagent.engine.core import Engine, PeerConfig, PeerState
 from nodeagent.filter import Filter, parse_rules
+from nodeagent.packet import endpoint_str
 from nodeagent.tundev.device import TunDevice
 from nodeagent.tundev.wrapper import Wrapper
 from tests.netns import in_netns, make_netns
@@ -73,9 +74,11 @@ class Side:
     engine: Engine
     notes: list[Note] = field(default_factory=list)
 
-    def note(self, direction: str, proto: int, src: str, dst: str, reason: str, source: str,
-             maybe_broken: bool) -> None:
-        self.notes.append(Note(time.monotonic(), direction, proto, src, dst, reason, source,
+    def note(self, direction: str, proto: int, version: int, src_ip: int, src_port: int,
+             dst_ip: int, dst_port: int, reason: str, source: str, maybe_broken: bool) -> None:
+        self.notes.append(Note(time.monotonic(), direction, proto,
+                               endpoint_str(version, src_ip, src_port),
+                               endpoint_str(version, dst_ip, dst_port), reason, source,
                                maybe_broken))
 
     async def wait_note(self, pred: Callable[[Note], bool], timeout: float) -> Note:

@@ -29,7 +29,6 @@ from nodeagent.packet import (
     build_tcp,
     build_udp,
     connreject_reason,
-    endpoint_str,
 )
 from nodeagent.packet.parsed import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN, Parsed
 from nodeagent.tundev.wrapper import NoteFn, Wrapper
@@ -146,9 +145,8 @@ class Engine:
     def _on_tsmp_reject(self, r: TSMPReject) -> None:
         note = self._note
         if note is not None:
-            note("outgoing", r.proto, endpoint_str(r.version, r.src_ip, r.src_port),
-                 endpoint_str(r.version, r.dst_ip, r.dst_port), connreject_reason(r.reason_byte),
-                 "tsmp_recv", r.maybe_broken)
+            note("outgoing", r.proto, r.version, r.src_ip, r.src_port, r.dst_ip, r.dst_port,
+                 connreject_reason(r.reason_byte), "tsmp_recv", r.maybe_broken)
         if r.proto == PROTO_TCP:
             flow = self.pendopen.on_tsmp_reject(r, ends_flow=self.fast_failure)
             if flow is not None:
@@ -173,7 +171,8 @@ class Engine:
             self.counters["pendopen_reports"] += 1
             note = self._note
             if note is not None:
-                note("outgoing", PROTO_TCP, d.flow.src, d.flow.dst, d.reason, d.source, False)
+                v, sip, sport, dip, dport = d.flow.key
+                note("outgoing", PROTO_TCP, v, sip, sport, dip, dport, d.reason, d.source, False)
         self._arm()
 
     def _peer_info(self, version: int, ip: int) -> PeerInfo | None:

@@ -25,7 +25,6 @@ from nodeagent.packet import (
     TSMPReject,
     build_tsmp_pong_for,
     build_tsmp_reject,
-    endpoint_str,
     parse_into,
     parse_tsmp_reject,
 )
@@ -40,8 +39,10 @@ from nodeagent.packet.parsed import (
     Parsed,
 )
 
-# note(direction, proto, src, dst, reason, source, maybe_broken): connreject vocabulary strings.
-NoteFn = Callable[[str, int, str, str, str, str, bool], None]
+# note(direction, proto, ip_version, src_ip, src_port, dst_ip, dst_port, reason, source,
+# maybe_broken): direction/reason/source use the connreject vocabulary; addresses are the parser's
+# ints so nothing is formatted on the data path unless the receiver is recording.
+NoteFn = Callable[[str, int, int, int, int, int, int, str, str, bool], None]
 PacketSink = Callable[[list[bytes]], None]
 
 UDP_REJECT_INTERVAL = 1.0  # at most one TSMP reject per blocked UDP flow per second
@@ -202,8 +203,8 @@ class Wrapper:
             sink([build_tsmp_reject(p, code)])
         note = self._note
         if note is not None:
-            note("incoming", p.proto, endpoint_str(p.ip_version, p.src_ip, p.src_port),
-                 endpoint_str(p.ip_version, p.dst_ip, p.dst_port), reason, "tsmp_sent", False)
+            note("incoming", p.proto, p.ip_version, p.src_ip, p.src_port, p.dst_ip, p.dst_port,
+                 reason, "tsmp_sent", False)
 
     def _udp_reject_due(self, p: Parsed) -> bool:
         key = (p.src_ip, p.src_port, p.dst_ip, p.dst_port)

@@ -3,6 +3,7 @@ attribute gate, LocalAPI and c2n endpoints, metrics and the CLI table."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 from collections.abc import AsyncIterator
@@ -17,6 +18,9 @@ from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT, NetworkMap, Node
 from tests.agentutil import localapi, public_tempdir
 
 pytestmark = pytest.mark.feature("connreject")
+
+A = int(ipaddress.ip_address("100.64.0.1"))
+B = int(ipaddress.ip_address("100.64.0.2"))
 
 
 class NoteHolder:
@@ -59,15 +63,14 @@ async def test_gate_callbacks_and_endpoints(agent: Agent) -> None:
     assert wrapper.note is not None and engine.note is not None
 
     # Disabled until the node attribute arrives: notes are dropped.
-    engine.note("outgoing", 6, "100.64.0.1:5000", "100.64.0.2:22", "acl", "tsmp_recv", False)
+    engine.note("outgoing", 6, 4, A, 5000, B, 22, "acl", "tsmp_recv", False)
     st, body = await localapi(sock, "GET", "/localapi/v0/debug-rejects")
     assert st == 200 and body == {"Enabled": False, "Outgoing": [], "Incoming": []}
 
     b.set_netmap(netmap(True))
     for port in (5000, 5001, 5002):
-        engine.note("outgoing", 6, f"100.64.0.1:{port}", "100.64.0.2:22", "acl", "tsmp_recv",
-                    False)
-    wrapper.note("incoming", 6, "100.64.0.2:4000", "100.64.0.1:22", "acl", "tsmp_sent", False)
+        engine.note("outgoing", 6, 4, A, port, B, 22, "acl", "tsmp_recv", False)
+    wrapper.note("incoming", 6, 4, B, 4000, A, 22, "acl", "tsmp_sent", False)
     st, body = await localapi(sock, "GET", "/localapi/v0/debug-rejects")
     assert st == 200 and body["Enabled"] is True
     (out,) = body["Outgoing"]
@@ -110,8 +113,7 @@ async def test_prefs_resize_lru(agent: Agent) -> None:
                            {"ConnRejectMaxEntries": 2, "ConnRejectMaxEntriesSet": True})
     assert st == 200
     for i in range(5):
-        engine.note("outgoing", 6, "100.64.0.1:1", f"100.64.0.{i + 2}:22", "timeout",
-                    "pendopen_timeout", False)
+        engine.note("outgoing", 6, 4, A, 1, B + i, 22, "timeout", "pendopen_timeout", False)
     _, body = await localapi(agent.opts.socket, "GET", "/localapi/v0/debug-rejects")
     assert [e["Dst"] for e in body["Outgoing"]] == ["100.64.0.5:22", "100.64.0.6:22"]
 

@@ -127,44 +127,50 @@ class Aggregator:
 
     def note(self, ev: Event) -> None:
         """Merge one observation. Dropped when disabled, ``max_entries <= 0`` or the direction
-        is unknown."""
+        is unknown. Unset Last/First/Count become now/Last/1."""
+        self.note_fields(ev.Direction, ev.Proto, ev.Src, ev.Dst, ev.Reason, ev.Source,
+                         ev.MaybeBroken, ev.Last, ev.Count, ev.First)
+
+    def note_fields(self, direction: str, proto: int, src: str, dst: str, reason: str,
+                    source: str, maybe_broken: bool, last: int = 0, count: int = 0,
+                    first: int = 0) -> None:
+        """:meth:`note` without building an Event first: the data plane's path, which on a
+        repeated key (the common case in a storm) allocates nothing."""
         if not self._enabled:
             self.dropped_disabled += 1
             return
-        d = ev.Direction
-        if d == OUTGOING:
+        if direction == OUTGOING:
             buf = self._out
-            peer = peer_address(ev.Dst)
-        elif d == INCOMING:
+            peer = peer_address(dst)
+        elif direction == INCOMING:
             buf = self._in
-            peer = peer_address(ev.Src)
+            peer = peer_address(src)
         else:
             self.dropped_bad += 1
             return
-        if ev.Last == 0:
-            ev.Last = time.time_ns()
-        if ev.First == 0:
-            ev.First = ev.Last
-        if ev.Count == 0:
-            ev.Count = 1
-        key = (ev.Proto, peer, ev.Reason)
+        if last == 0:
+            last = time.time_ns()
+        if count == 0:
+            count = 1
+        key = (proto, peer, reason)
         with self._lock:
             if not self._enabled or self.max_entries <= 0:
                 self.dropped_disabled += 1
                 return
             old = buf.get(key)
             if old is None:
-                buf[key] = ev
+                buf[key] = Event(direction, proto, src, dst, reason, source, maybe_broken,
+                                 first or last, last, count)
                 self._trim(buf)
             else:
-                old.Last = ev.Last
-                old.Count += ev.Count
-                old.Src = ev.Src
-                old.Dst = ev.Dst
-                old.Source = ev.Source
-                old.MaybeBroken = ev.MaybeBroken
+                old.Last = last
+                old.Count += count
+                old.Src = src
+                old.Dst = dst
+                old.Source = source
+                old.MaybeBroken = maybe_broken
                 buf.move_to_end(key)
-            nk = (d, ev.Reason)
+            nk = (direction, reason)
             self.noted[nk] = self.noted.get(nk, 0) + 1
 
     def _trim(self, buf: OrderedDict[Key, Event]) -> None:

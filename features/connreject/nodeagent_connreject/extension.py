@@ -16,13 +16,15 @@ from aiohttp import web
 from nodeagent.c2n import C2NRequest, C2NResponse
 from nodeagent.ipnext import hookimpl
 from nodeagent.localapi.routes import READ
+from nodeagent.packet import addr_str
 from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT
-from nodeagent_connreject.aggregator import Aggregator, Event, default_max_entries
+from nodeagent_connreject.aggregator import Aggregator, default_max_entries
 
 log = logging.getLogger("nodeagent.connreject")
 
 LOCALAPI_ENDPOINT = "debug-rejects"
 C2N_PATH = "/debug/rejects"
+ADDR_CACHE_SIZE = 4096
 
 
 class ConnRejectExtension:
@@ -30,13 +32,36 @@ class ConnRejectExtension:
         self.backend: Any = None
         self.aggregator = Aggregator(default_max_entries())
         self._attached: list[Any] = []  # wrapper/engine objects our callback is installed on
+        self._addr_names: dict[tuple[int, int], str] = {}
 
     # --- the callback the data plane calls -------------------------------------------------
-    def note(self, direction: str, proto: int, src: str, dst: str, reason: str, source: str,
-             maybe_broken: bool) -> None:
+    def note(self, direction: str, proto: int, version: int, src_ip: int, src_port: int,
+             dst_ip: int, dst_port: int, reason: str, source: str, maybe_broken: bool) -> None:
+        """The data plane's note callback (signature: ``nodeagent.tundev.wrapper.NoteFn``)."""
         agg = self.aggregator
-        if agg._enabled:  # skip building an Event that would be dropped anyway
-            agg.note(Event(direction, proto, src, dst, reason, source, maybe_broken))
+        if not agg._enabled:  # format nothing for an event that would be dropped anyway
+            agg.dropped_disabled += 1
+            return
+        names = self._addr_names
+        src = names.get((version, src_ip))
+        if src is None:
+            src = self._name(version, src_ip)
+        dst = names.get((version, dst_ip))
+        if dst is None:
+            dst = self._name(version, dst_ip)
+        agg.note_fields(direction, proto, f"{src}:{src_port}", f"{dst}:{dst_port}", reason,
+                        source, maybe_broken)
+
+    def _name(self, version: int, ip: int) -> str:
+        """Rendered address (bracketed for IPv6, ready for ``:port``), cached: rejections come
+        in storms from few peers, and rendering IPv6 costs more than the rest of a note."""
+        names = self._addr_names
+        if len(names) >= ADDR_CACHE_SIZE:
+            names.clear()
+        a = addr_str(version, ip)
+        s = f"[{a}]" if version == 6 else a
+        names[(version, ip)] = s
+        return s
 
     # --- lifecycle -------------------------------------------------------------------------
     @hookimpl
