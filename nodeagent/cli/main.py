@@ -55,6 +55,16 @@ def build_parser(reg: CLIRegistry) -> argparse.ArgumentParser:
     return top
 
 
+def _passthrough(reg: CLIRegistry, argv: list[str]) -> argparse.Namespace | None:
+    """argparse cannot hand leading flags to a sub-command's REMAINDER, so commands that wrap
+    another program's parser are recognised by their path before argparse runs."""
+    for path, cmd in reg.commands.items():
+        if cmd.passthrough and tuple(argv[:len(path)]) == path:
+            return argparse.Namespace(_command=cmd, _cmd_path=("nodeagent", *path), socket=None,
+                                      passthrough_args=list(argv[len(path):]))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("NODEAGENT_LOG", "INFO"),
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -65,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a broken feature must not break the core CLI
         print(f"nodeagent: warning: feature CLI commands failed to load: {e}", file=sys.stderr)
     parser = build_parser(reg)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parser.parse_args(argv)
+        args = _passthrough(reg, argv) or parser.parse_args(argv)
         cmd = getattr(args, "_command", None)
         if cmd is None:
             p = getattr(args, "_parser", parser)

@@ -40,6 +40,7 @@ class Command:
     setup: Setup | None
     run: Run
     needs_socket: bool = True
+    passthrough: bool = False  # every argument after the path goes to ``args.passthrough_args``
 
 
 class CLIRegistry:
@@ -51,13 +52,16 @@ class CLIRegistry:
         self.groups.setdefault(path, help)
 
     def add_command(self, path: tuple[str, ...], *, help: str, run: Run,
-                    setup: Setup | None = None, needs_socket: bool = True) -> None:
+                    setup: Setup | None = None, needs_socket: bool = True,
+                    passthrough: bool = False) -> None:
+        """Register a command. ``passthrough`` commands hand all their arguments, flags
+        included, to another program's parser (``args.passthrough_args``)."""
         path = tuple(path)
         if path in self.commands:
             raise ValueError(f"CLI command {' '.join(path)!r} is already registered")
         for i in range(1, len(path)):
             self.add_group(path[:i], f"{' '.join(path[:i])} commands")
-        self.commands[path] = Command(path, help, setup, run, needs_socket)
+        self.commands[path] = Command(path, help, setup, run, needs_socket, passthrough)
 
 
 def load_feature_commands(reg: CLIRegistry) -> list[str]:

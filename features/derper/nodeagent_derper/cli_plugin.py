@@ -8,18 +8,13 @@ from typing import Any
 from nodeagent.ipnext import hookimpl
 
 
-def _setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("derper_args", nargs=argparse.REMAINDER,
-                   help="flags of the derper command (see `derper --help`)")
-
-
 def _run(args: argparse.Namespace, ctx: Any) -> int:
     from nodeagent_derper.cli import main
 
-    return int(main(list(args.derper_args)) or 0)
+    return int(main(list(args.passthrough_args)) or 0)
 
 
 @hookimpl
 def nodeagent_cli_commands(cli: Any) -> None:
     cli.add_command(("derper",), help="run a DERP relay server (see `derper --help`)",
-                    setup=_setup, run=_run, needs_socket=False)
+                    run=_run, needs_socket=False, passthrough=True)

@@ -36,7 +36,7 @@ class DerpCollector:
                     st["current_connections"])
         yield gauge("current_home_connections", "connections that sent NotePreferred(true)",
                     st["current_home_connections"])
-        yield gauge("clients_total", "distinct client keys connected", st["clients_total"])
+        yield gauge("clients", "distinct client keys connected", st["clients_total"])
         yield gauge("current_dup_client_keys", "keys with several connections",
                     st["current_dup_client_keys"])
         yield gauge("current_dup_client_conns", "connections of duplicated keys",

@@ -1,0 +1,385 @@
+"""The derper process: listeners, routes, TLS, STUN, background tasks and graceful shutdown.
+
+Owns ``DerperOptions`` (the resolved command line) and ``Derper``, which binds the main listener
+(TLS when the port is 443 or ``--certmode manual``, Tailscale's rule; plain HTTP otherwise), the
+plain ``--http-port`` listener in TLS mode, the STUN sockets, the accept-rate limiter, the ACME
+renewal and bootstrap-DNS tasks, and stops them all in order (the relay last announces a restart
+to its clients). The DERP relay itself is ``nodeagent_derper.server.DerpServer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from nodeagent_derper import home
+from nodeagent_derper.acme_manager import LETSENCRYPT_DIRECTORY, AcmeManager
+from nodeagent_derper.certs import CertError, CertStore, ensure_self_signed_for_ip, is_ip
+from nodeagent_derper.debug import DebugHandlers
+from nodeagent_derper.metrics import DerperMetrics
+from nodeagent_derper.stun_server import start_stun
+
+log = logging.getLogger("derper")
+
+DEV_ADDR = "localhost:3340"
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class StartupError(Exception):
+    """The derper cannot start; the message is one line for the operator."""
+
+
+@dataclass
+class DerperOptions:
+    private_key: bytes
+    addr: str = ":443"
+    hostname: str = "derp.tailscale.com"
+    certmode: str = "letsencrypt"
+    certdir: str = ""
+    http_port: int = 80
+    stun: bool = True
+    stun_port: int = 3478
+    stun_strict: bool = False
+    derp: bool = True
+    dev: bool = False
+    home: str = ""
+    bootstrap_dns_names: list[str] = field(default_factory=list)
+    acme_directory: str = LETSENCRYPT_DIRECTORY
+    acme_email: str = ""
+    accept_connection_limit: float = math.inf
+    accept_connection_burst: int = 2**31 - 1
+    mesh_key: str | None = None  # 64 lowercase hex digits
+    rate_limit_bytes_per_sec: int | None = None
+    rate_limit_burst: int | None = None
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    """``":443"``, ``"host:80"``, ``"[::1]:3340"`` → (host, port); ValueError if unusable."""
+    host, sep, port_s = addr.rpartition(":")
+    if not sep:
+        raise ValueError(f"listen address {addr!r}: want [host]:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"listen address {addr!r}: put IPv6 addresses in brackets")
+    if port_s == "https":
+        port_s = "443"
+    elif port_s == "http":
+        port_s = "80"
+    if not port_s.isdigit() or int(port_s) > 65535:
+        raise ValueError(f"listen address {addr!r}: bad port {port_s!r}")
+    return host, int(port_s)
+
+
+def uses_tls(opts: DerperOptions) -> bool:
+    """Tailscale's rule: HTTPS iff the listen port is 443 or certmode is manual (not in --dev)."""
+    if opts.dev:
+        return False
+    _, port = split_hostport(opts.addr)
+    return port == 443 or opts.certmode == "manual"
+
+
+class TokenBucket:
+    """Accept-rate limiter: ``rate`` tokens per second up to ``burst``."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def _listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening TCP sockets for ``host`` ("" = every address, dual-stack when possible)."""
+    if host == "localhost":
+        targets = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+    elif host in ("", "*"):
+        targets = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    else:
+        targets = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
+    out: list[socket.socket] = []
+    errors: list[str] = []
+    for fam, h in targets:
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                # The wildcard is dual-stack; a named IPv6 address only serves itself.
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if h == "::" else 1)
+            s.bind((h, port))
+            s.listen(1024)
+            s.setblocking(False)
+        except OSError as e:
+            s.close()
+            errors.append(f"{h}:{port}: {e.strerror}")
+            continue
+        out.append(s)
+        if port == 0:
+            port = s.getsockname()[1]
+        if h == "::":
+            break  # dual-stack socket covers IPv4 too
+    if not out:
+        raise StartupError(f"cannot listen on TCP {'; '.join(errors)}")
+    return out
+
+
+class _Reject(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+class Derper:
+    """One running derper. ``start()`` binds everything; ``stop()`` shuts down gracefully."""
+
+    def __init__(self, opts: DerperOptions, *, derp_server: Any = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        from nodeagent.version import __version__
+
+        self.opts = opts
+        self.registry = registry or CollectorRegistry()
+        self.metrics = DerperMetrics(self.registry, version=__version__)
+        self.version = __version__
+        self.started = time.time()
+        self.tls = uses_tls(opts)
+        self._derp = derp_server
+        self.cert_store: CertStore | None = None
+        self.acme: AcmeManager | None = None
+        self.bootstrap = home.BootstrapDNS(opts.bootstrap_dns_names,
+                                           self.metrics.bootstrap_dns_requests.inc)
+        self._runners: list[web.AppRunner] = []
+        self._listeners: list[socket.socket] = []
+        self._stun: list[asyncio.DatagramTransport] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._conn_tasks: set[asyncio.Task[Any]] = set()
+        self._bucket = (TokenBucket(opts.accept_connection_limit, opts.accept_connection_burst)
+                        if math.isfinite(opts.accept_connection_limit) else None)
+        self.main_port = 0
+        self.http_port = 0
+        self.stun_port = 0
+        self.stopped = asyncio.Event()
+
+    # --- construction of the pieces ---
+
+    def _derp_server(self) -> Any:
+        if self._derp is None:
+            from nodeagent_derper.server import DerpServer
+
+            o = self.opts
+            self._derp = DerpServer(o.private_key, mesh_key=o.mesh_key,
+                                    rate_limit_bytes_per_sec=o.rate_limit_bytes_per_sec,
+                                    rate_limit_burst=o.rate_limit_burst, registry=self.registry)
+        return self._derp
+
+    def info(self) -> dict[str, Any]:
+        return {"version": self.version, "uptime": f"{time.time() - self.started:.0f}s",
+                "hostname": self.opts.hostname, "TLS": self.tls,
+                "certmode": self.opts.certmode if self.tls else "-",
+                "mesh key": self.opts.mesh_key is not None, "derp": self.opts.derp,
+                "STUN port": self.stun_port if self.opts.stun else "off"}
+
+    def _stats(self) -> dict[str, Any]:
+        return self._derp.stats() if self._derp is not None and self.opts.derp else {}
+
+    async def _derp_disabled(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=404, text="derp server disabled\n")
+
+    def build_main_app(self) -> web.Application:
+        app = web.Application()
+        r = app.router
+        derp = self._derp_server() if self.opts.derp else None
+        r.add_route("*", "/derp", derp.handle_http if derp is not None else self._derp_disabled)
+        r.add_route("*", "/derp/probe", home.probe)
+        r.add_route("*", "/derp/latency-check", home.probe)
+        r.add_get("/generate_204", home.generate_204)
+        r.add_get("/robots.txt", home.robots)
+        r.add_get("/bootstrap-dns", self.bootstrap.handle)
+        r.add_get("/", home.HomePage(self.opts.home, self.opts.hostname, self.opts.derp).handle)
+        DebugHandlers(self.registry, self.info, self._stats).add_routes(app)
+        return app
+
+    def build_http_port_app(self) -> web.Application:
+        app = web.Application()
+        handler = home.PlainPortHandler(self.acme.challenges if self.acme else None,
+                                        self.main_port, self.opts.hostname)
+        r = app.router
+        r.add_get("/.well-known/acme-challenge/{token}", handler.acme_challenge)
+        r.add_get("/generate_204", home.generate_204)
+        DebugHandlers(self.registry, self.info, self._stats).add_routes(app)
+        r.add_route("*", "/{tail:.*}", handler.other)
+        return app
+
+    def _setup_tls(self) -> ssl.SSLContext:
+        o = self.opts
+        if o.certmode not in ("manual", "letsencrypt"):
+            raise StartupError(f"--certmode {o.certmode!r}: want manual or letsencrypt")
+        if not o.certdir:
+            raise StartupError("--certdir is empty")
+
+        def loaded(not_after: float) -> None:
+            self.metrics.cert_reloads.inc()
+            self.metrics.cert_expiry.set(not_after)
+
+        self.cert_store = CertStore(o.certdir, o.hostname, on_load=loaded)
+        if o.certmode == "manual":
+            if is_ip(o.hostname):
+                pin = ensure_self_signed_for_ip(o.certdir, o.hostname)
+                if pin is not None:
+                    log.info("created a self-signed certificate for %s; DERP map CertName: %s",
+                             o.hostname, pin)
+            try:
+                self.cert_store.load()
+            except CertError as e:
+                raise StartupError(str(e)) from None
+        else:
+            if is_ip(o.hostname):
+                raise StartupError("--certmode letsencrypt needs a DNS --hostname, not an IP")
+            if o.http_port < 0:
+                raise StartupError("--certmode letsencrypt needs --http-port for the "
+                                   "HTTP-01 challenge")
+            self.acme = AcmeManager(o.hostname, o.certdir, directory_url=o.acme_directory,
+                                    email=o.acme_email,
+                                    on_obtained=self.metrics.acme_renewals.inc,
+                                    on_failed=self.metrics.acme_failures.inc)
+            with contextlib.suppress(CertError):
+                self.cert_store.load()  # a certificate from an earlier run, if any
+        return self.cert_store.server_context()
+
+    # --- serving ---
+
+    def _spawn(self, coro: Any, conn: bool = False) -> asyncio.Task[Any]:
+        t = asyncio.get_running_loop().create_task(coro)
+        group = self._conn_tasks if conn else self._tasks
+        group.add(t)
+        t.add_done_callback(group.discard)
+        return t
+
+    async def _serve_conn(self, factory: Any, conn: socket.socket,
+                          ctx: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                factory, conn, ssl=ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ctx else None)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            conn.close()  # failed TLS handshake or a client gone before it finished
+
+    async def _accept_loop(self, lsock: socket.socket, factory: Any,
+                           ctx: ssl.SSLContext | None, limited: bool) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(lsock)
+            except OSError as e:
+                log.warning("accept: %s", e)
+                await asyncio.sleep(0.05)  # e.g. EMFILE: let connections drain
+                continue
+            if limited and self._bucket is not None and not self._bucket.take():
+                self.metrics.rejected.inc()
+                conn.close()
+                continue
+            self.metrics.accepted.inc()
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._serve_conn(factory, conn, ctx), conn=True)
+
+    async def _serve_app(self, app: web.Application, host: str, port: int,
+                         ctx: ssl.SSLContext | None, limited: bool,
+                         wrap_derp: bool = False) -> int:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        socks = _listen_sockets(host, port)
+        self._listeners.extend(socks)
+        factory: Any = runner.server
+        if wrap_derp and self._derp is not None and hasattr(self._derp, "wrap_protocol_factory"):
+            # Lets the relay see bytes a fast-start client pipelines behind its request.
+            factory = self._derp.wrap_protocol_factory(factory)
+        for s in socks:
+            self._spawn(self._accept_loop(s, factory, ctx, limited))
+        return socks[0].getsockname()[1]
+
+    async def start(self) -> None:
+        """Bind and start everything; ``StartupError`` (one line) when something cannot."""
+        o = self.opts
+        try:
+            host, port = split_hostport(o.addr)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        try:
+            ctx = self._setup_tls() if self.tls else None
+            self.main_port = await self._serve_app(self.build_main_app(), host, port, ctx,
+                                                   limited=True, wrap_derp=True)
+            if self.tls and o.http_port >= 0:
+                self.http_port = await self._serve_app(self.build_http_port_app(), host,
+                                                       o.http_port, None, limited=False)
+            if o.stun:
+                self._stun = await start_stun(host, o.stun_port, self.metrics,
+                                              strict=o.stun_strict)
+                self.stun_port = self._stun[0].get_extra_info("sockname")[1]
+        except OSError as e:
+            await self.stop(graceful=False)
+            raise StartupError(e.strerror or str(e)) from None
+        except BaseException:
+            await self.stop(graceful=False)
+            raise
+        if self.acme is not None:
+            self._spawn(self.acme.run())
+        if o.bootstrap_dns_names:
+            self._spawn(self.bootstrap.run())
+        scheme = "https" if self.tls else "http"
+        log.info("derper serving %s on %s port %d%s%s", scheme, host or "*", self.main_port,
+                 f", http on {self.http_port}" if self.http_port else "",
+                 f", STUN on UDP {self.stun_port}" if self._stun else "")
+
+    async def stop(self, graceful: bool = True) -> None:
+        """Stop accepting, tell DERP clients (Restarting frame when graceful), close all."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        for s in self._listeners:
+            s.close()
+        self._listeners.clear()
+        for tr in self._stun:
+            tr.close()
+        self._stun.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._derp is not None:
+            try:
+                await asyncio.wait_for(self._derp.shutdown(graceful=graceful), 10.0)
+            except Exception as e:  # shutdown must go on whatever the relay does
+                log.warning("DERP shutdown: %s", e)
+        for t in list(self._conn_tasks):
+            t.cancel()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        pending = [*self._tasks, *self._conn_tasks]
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+
+
+def default_certdir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tailscale", "derper-certs")

@@ -1,0 +1,117 @@
+"""The derper's STUN server: UDP sockets (IPv4 and IPv6-only) answering binding requests.
+
+Owns the datagram protocol and socket setup. Classification and response bytes come from the
+sans-IO ``nodeagent.stun.codec``; every datagram is counted by disposition, answered ones also by
+address family and client kind. Nothing is logged per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+
+from nodeagent.stun.codec import (
+    ACCEPTED_KINDS,
+    build_response_for,
+    parse_binding_request,
+)
+from nodeagent_derper.metrics import DerperMetrics
+
+log = logging.getLogger("derper.stun")
+
+
+class StunProtocol(asyncio.DatagramProtocol):
+    """Answers binding requests on one socket; ignores and counts everything else."""
+
+    __slots__ = ("_strict", "_m", "_success", "_write_error", "transport")
+
+    def __init__(self, metrics: DerperMetrics, *, strict: bool = False) -> None:
+        self._strict = strict
+        self._m = metrics
+        self._success = metrics.stun["success"]
+        self._write_error = metrics.stun["write_error"]
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        kind, txid = parse_binding_request(data, strict=self._strict)
+        if kind not in ACCEPTED_KINDS:
+            self._m.stun[kind].inc()
+            return
+        host, port = addr[0], addr[1]
+        try:
+            resp = build_response_for(kind, txid, host, port)
+            self.transport.sendto(resp, addr)  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            self._write_error.inc()
+            return
+        self._success.inc()
+        self._m.stun_kind[kind].inc()
+        v4 = "." in host and (":" not in host or host.startswith("::ffff:"))
+        self._m.stun_family["ipv4" if v4 else "ipv6"].inc()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies surface here on Linux; count, never stop serving.
+        self._m.stun["read_error"].inc()
+
+
+def _udp_socket(family: int, host: str, port: int) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            # Separate v4 and v6 sockets: IPv4 clients then arrive (and are answered) as IPv4.
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def stun_bind_hosts(listen_host: str) -> list[tuple[int, str]]:
+    """(family, host) pairs to bind for the host part of ``-a`` ("" = all of v4 and v6)."""
+    if listen_host in ("", "*"):
+        return [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
+    if listen_host == "localhost":
+        return [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+    fam = socket.AF_INET6 if ":" in listen_host else socket.AF_INET
+    return [(fam, listen_host.strip("[]"))]
+
+
+async def start_stun(listen_host: str, port: int, metrics: DerperMetrics, *,
+                     strict: bool = False) -> list[asyncio.DatagramTransport]:
+    """Open the STUN sockets; an IPv6 wildcard that cannot be opened (no IPv6 on the host) is
+    skipped, any other bind failure raises ``OSError``."""
+    loop = asyncio.get_running_loop()
+    transports: list[asyncio.DatagramTransport] = []
+    pairs = stun_bind_hosts(listen_host)
+    try:
+        for fam, host in pairs:
+            try:
+                sock = _udp_socket(fam, host, port)
+            except OSError as e:
+                if fam == socket.AF_INET6 and len(pairs) > 1 and not _is_in_use(e):
+                    log.info("STUN: no IPv6 socket on [%s]:%d (%s); IPv4 only", host, port, e)
+                    continue
+                raise OSError(e.errno, f"STUN: cannot listen on UDP {host}:{port}: "
+                              f"{e.strerror}") from None
+            tr, _ = await loop.create_datagram_endpoint(
+                lambda: StunProtocol(metrics, strict=strict), sock=sock)
+            transports.append(tr)
+            if port == 0:
+                port = sock.getsockname()[1]  # same port for the second family
+    except BaseException:
+        for tr in transports:
+            tr.close()
+        raise
+    return transports
+
+
+def _is_in_use(e: OSError) -> bool:
+    return e.errno == errno.EADDRINUSE
