@@ -23,6 +23,11 @@ def register(reg: CLIRegistry) -> None:
     reg.add_group(("debug",), "debugging commands (features add more)")
     reg.add_command(("debug", "metrics"), help="print the agent's counters (Prometheus text)",
                     run=_debug_metrics)
+    try:
+        from nodeagent.cli import control_cmds
+    except ImportError:  # the control plane is being added; the core CLI works without it
+        return
+    control_cmds.register(reg)
 
 
 def _up_setup(p: argparse.ArgumentParser) -> None:
@@ -31,12 +36,34 @@ def _up_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                    help=f"where the node's identity and prefs live (default {DEFAULT_STATE_DIR})")
     p.add_argument("--hostname", default=None, help="this node's name in the tailnet")
+    p.add_argument("--tun", default=None, metavar="NAME",
+                   help="TUN device to create and drive (e.g. nodeagent0); none: no data plane")
+    p.add_argument("--port", type=int, default=41641,
+                   help="WireGuard UDP port (default 41641; 0 picks a free port)")
+    p.add_argument("--netmap-file", default=None, metavar="FILE",
+                   help="run from a static netmap (JSON, tailcfg shape) instead of control")
+    p.add_argument("--login-server", default=None, metavar="URL",
+                   help="coordination server URL (nodeagent control serve)")
+    p.add_argument("--auth-key", default=None, metavar="KEY",
+                   help="pre-auth key for the first login (or NODEAGENT_AUTH_KEY)")
 
 
 def _up(args: argparse.Namespace, ctx: CLIContext) -> int:
-    from nodeagent.agent import AgentOptions, run, run_agent
+    import os
 
-    opts = AgentOptions(socket=ctx.socket, state_dir=args.state_dir, hostname=args.hostname)
+    from nodeagent.agent import AgentOptions, run, run_agent
+    from nodeagent.cli.registry import CLIError
+
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port {args.port}: must be 0..65535")
+    if (args.netmap_file or args.login_server) and not args.tun:
+        raise CLIError("--netmap-file and --login-server need --tun NAME (the data plane)")
+    if args.netmap_file and args.login_server:
+        raise CLIError("--netmap-file and --login-server are alternatives; give one")
+    opts = AgentOptions(socket=ctx.socket, state_dir=args.state_dir, hostname=args.hostname,
+                        tun=args.tun, port=args.port, netmap_file=args.netmap_file,
+                        login_server=args.login_server,
+                        auth_key=args.auth_key or os.environ.get("NODEAGENT_AUTH_KEY"))
     return int(run(run_agent(opts)))
 
 

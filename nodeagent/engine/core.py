@@ -83,7 +83,8 @@ class Engine:
         self.routes: RouteTable[PeerConfig] = RouteTable()
         self.pendopen = PendingOpens(self._peer_info, timeout=pendopen_timeout)
         self._timer: asyncio.TimerHandle | None = None
-        self.counters = {"no_route": 0, "fast_failures": 0, "pendopen_reports": 0}
+        self.counters = {"no_route": 0, "fast_failures": 0, "pendopen_reports": 0,
+                         "bad_source": 0}
         wrapper.set_outbound_sink(self._route_out)
         wrapper.outbound_tap = self._outbound_tap
         wrapper.inbound_tap = self.pendopen.on_inbound
@@ -134,6 +135,29 @@ class Engine:
     def deliver(self, pkts: list[bytes]) -> None:
         """Packets from peers after the transport authenticated them."""
         self.wrapper.from_peer(pkts)
+
+    def deliver_from(self, peer_key: str, pkts: list[bytes]) -> None:
+        """Packets a transport decrypted from ``peer_key``: WireGuard's cryptokey routing —
+        only sources inside that peer's allowed IPs get through, so a peer cannot speak for
+        another's addresses."""
+        routes = self.routes
+        ok = []
+        for pkt in pkts:
+            if not pkt:
+                continue
+            v = pkt[0] >> 4
+            if v == 4 and len(pkt) >= 20:
+                peer = routes.lookup(4, int.from_bytes(pkt[12:16], "big"))
+            elif v == 6 and len(pkt) >= 40:
+                peer = routes.lookup(6, int.from_bytes(pkt[8:24], "big"))
+            else:
+                peer = None
+            if peer is None or peer.key != peer_key:
+                self.counters["bad_source"] += 1
+                continue
+            ok.append(pkt)
+        if ok:
+            self.wrapper.from_peer(ok)
 
     def _outbound_tap(self, p: Parsed, pkt: bytes) -> None:
         if p.proto == PROTO_TCP and p.tcp_flags & TCP_SYN and not p.tcp_flags & TCP_ACK:
@@ -204,9 +228,13 @@ class Engine:
 
     def metrics_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
         po = self.pendopen
-        return [
+        extra = getattr(self.transport, "metrics_samples", None)
+        return [*(extra() if extra is not None else []),
             ("nodeagent_engine_no_route_total", "Outbound packets with no peer for the address",
              {}, self.counters["no_route"]),
+            ("nodeagent_engine_bad_source_total",
+             "Decrypted packets whose source is outside the sending peer's allowed IPs", {},
+             self.counters["bad_source"]),
             ("nodeagent_fast_failures_total", "RST/ICMP written to the host after a TSMP reject",
              {}, self.counters["fast_failures"]),
             ("nodeagent_pendopen_timeouts_total", "Pending TCP opens that timed out", {},

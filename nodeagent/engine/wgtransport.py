@@ -1,0 +1,242 @@
+"""WireGuard over UDP: the asyncio adapter around the sans-IO WireGuard core.
+
+One non-blocking UDP socket per node (IPv6 dual-stack when the host has IPv6, so IPv4 peers
+appear as v4-mapped addresses; IPv4-only otherwise). Reads are drained in batches from the event
+loop's reader callback and the decrypted packets of one batch go to the engine together; sends
+go straight to the socket (a full socket buffer drops and counts, as UDP would). A timer drives
+the protocol's timers (handshake retries, keepalives, rekeys, expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nodeagent.engine.core import PeerConfig, PeerState
+from nodeagent.engine.wireguard import PeerSpec, WGConfig, WireGuardCore
+from nodeagent.keys import NODE_PREFIX, parse_public
+
+log = logging.getLogger("nodeagent.wireguard")
+
+READ_BATCH = 128
+TICK_INTERVAL = 0.25
+RECV_SIZE = 65535
+SOCKET_BUFFER = 4 << 20
+
+Deliver = Callable[[str, list[bytes]], None]  # (peer key text, plaintext packets)
+
+
+class WireGuardTransport:
+    def __init__(self, private_key: bytes, *, port: int = 41641, bind: str = "",
+                 config: WGConfig | None = None) -> None:
+        self.core = WireGuardCore(private_key, config=config or WGConfig())
+        self.requested_port = port
+        self.bind = bind
+        self.sock: socket.socket | None = None
+        self._v6 = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._deliver: Deliver | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._keys: dict[str, bytes] = {}  # "nodekey:hex" → raw public key
+        self._names: dict[bytes, str] = {}
+        self.counters = {"rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0,
+                         "no_endpoint": 0}
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        self.loop = loop
+        self._deliver = deliver
+        self.sock = self._open_socket()
+        loop.add_reader(self.sock.fileno(), self._readable)
+        self._timer = loop.call_later(TICK_INTERVAL, self._tick)
+
+    def _open_socket(self) -> socket.socket:
+        try:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self._v6 = True
+            bind = self.bind or "::"
+        except OSError:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._v6 = False
+            bind = self.bind or "0.0.0.0"
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            s.bind((bind, self.requested_port))
+        except OSError as e:
+            s.close()
+            raise OSError(e.errno, f"WireGuard UDP port {self.requested_port}: {e.strerror}"
+                          ) from None
+        s.setblocking(False)
+        return s
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1] if self.sock is not None else 0
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sock is not None:
+            if self.loop is not None:
+                self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    # --- configuration ---------------------------------------------------------------------
+    def configure(self, peers: list[PeerConfig]) -> None:
+        specs = []
+        keys: dict[str, bytes] = {}
+        for p in peers:
+            try:
+                raw = parse_public(p.key, NODE_PREFIX)
+            except ValueError as e:
+                log.error("peer %s: %s", p.name or p.key, e)
+                continue
+            keys[p.key] = raw
+            specs.append(PeerSpec(raw, endpoint=self._endpoint(p.endpoints)))
+        self._keys = keys
+        self._names = {v: k for k, v in keys.items()}
+        self.core.set_peers(specs)
+
+    def _endpoint(self, endpoints: list[str]) -> tuple[str, int] | None:
+        for ep in endpoints:
+            try:
+                host, _, port = ep.rpartition(":")
+                addr = ipaddress.ip_address(host.strip("[]"))
+                if addr.version == 6 and not self._v6:
+                    continue
+                return self._sockaddr(str(addr), int(port))
+            except ValueError:
+                log.warning("endpoint %r: not ip:port", ep)
+        return None
+
+    def _sockaddr(self, host: str, port: int) -> tuple[str, int]:
+        if self._v6 and ":" not in host:
+            return (f"::ffff:{host}", port)
+        return (host, port)
+
+    # --- data path -------------------------------------------------------------------------
+    def send(self, peer_key: str, pkts: list[bytes]) -> None:
+        raw = self._keys.get(peer_key)
+        if raw is None:
+            return
+        self._sendto(self.core.encrypt(raw, pkts))
+
+    def _sendto(self, out: list[tuple[Any, bytes]]) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        sent = 0
+        for ep, data in out:
+            if ep is None:
+                self.counters["no_endpoint"] += 1
+                continue
+            try:
+                sock.sendto(data, ep)
+                sent += 1
+            except OSError as e:
+                self.counters["send_errors"] += 1
+                if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ENETUNREACH,
+                                   errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.EPERM,
+                                   errno.EINVAL, errno.EAFNOSUPPORT):
+                    log.warning("UDP send to %s: %s", ep, e)
+        self.counters["tx_datagrams"] += sent
+
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        core = self.core
+        to_send: list[tuple[Any, bytes]] = []
+        by_peer: dict[bytes, list[bytes]] = {}
+        n = 0
+        for _ in range(READ_BATCH):
+            try:
+                data, src = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # ICMP errors surface here on Linux; nothing to do with them
+            n += 1
+            res = core.receive(data, src[:2])
+            if res.to_send:
+                to_send.extend(res.to_send)
+            for key, pkt in res.plaintexts:
+                lst = by_peer.get(key)
+                if lst is None:
+                    by_peer[key] = [pkt]
+                else:
+                    lst.append(pkt)
+        self.counters["rx_datagrams"] += n
+        if to_send:
+            self._sendto(to_send)
+        deliver = self._deliver
+        if deliver is not None:
+            for key, pkts in by_peer.items():
+                name = self._names.get(key)
+                if name is not None and pkts:
+                    deliver(name, pkts)
+
+    def _tick(self) -> None:
+        self._timer = None
+        try:
+            self._sendto(self.core.tick())
+        finally:
+            if self.loop is not None and self.sock is not None:
+                self._timer = self.loop.call_later(TICK_INTERVAL, self._tick)
+
+    # --- introspection ---------------------------------------------------------------------
+    def peer_state(self, peer_key: str) -> PeerState:
+        raw = self._keys.get(peer_key)
+        if raw is None:
+            return PeerState()
+        try:
+            st = self.core.peer_stats(raw)
+        except KeyError:
+            return PeerState()
+        last_hs = float(st.get("last_handshake") or 0.0)
+        ep = st.get("endpoint")
+        fresh = bool(last_hs) and time.time() - last_hs < 180
+        return PeerState(
+            configured=True,
+            # A peer counts as reachable with a recent handshake, or while we still have an
+            # endpoint to try (the 5 s pending-open timer is shorter than a handshake retry).
+            reachable=fresh or ep is not None,
+            last_handshake=last_hs,
+            last_rx=float(st.get("last_rx") or last_hs),
+            rx_bytes=int(st.get("rx_bytes") or 0),
+            tx_bytes=int(st.get("tx_bytes") or 0),
+            cur_addr=_render(ep),
+        )
+
+    def metrics_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+        s: list[tuple[str, str, dict[str, str], float]] = [
+            ("nodeagent_wireguard_rx_datagrams_total", "UDP datagrams received", {},
+             self.counters["rx_datagrams"]),
+            ("nodeagent_wireguard_tx_datagrams_total", "UDP datagrams sent", {},
+             self.counters["tx_datagrams"]),
+            ("nodeagent_wireguard_send_errors_total", "UDP sends that failed", {},
+             self.counters["send_errors"]),
+        ]
+        for reason, n in sorted(self.core.drops.items()):
+            s.append(("nodeagent_wireguard_dropped_total",
+                      "WireGuard messages dropped, by reason", {"reason": reason}, n))
+        return s
+
+
+def _render(ep: Any) -> str:
+    if not ep:
+        return ""
+    host, port = ep[0], ep[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
