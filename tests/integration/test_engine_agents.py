@@ -91,7 +91,7 @@ def test_stopped_peer_reported_by_pendopen() -> None:
         t0 = time.monotonic()
         outcome, _ = run_in(a.ns, connect, TS4["b"], 8080, 6.5)
         assert outcome == "timeout"
-        st, ma = asyncio.run(localapi(a.sock, "GET", "/localapi/v0/metrics"))
+        _, ma = asyncio.run(localapi(a.sock, "GET", "/localapi/v0/metrics"))
         deadline = t0 + 8
         while metric(ma, "nodeagent_pendopen_timeouts_total") < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
