@@ -21,7 +21,7 @@ from nodeagent.ipn.state import StateStore
 from nodeagent.keys import NODE_PREFIX
 from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT
 from tests.agentutil import nodeagent_cmd, public_tempdir
-from tests.netns import make_netns, popen_in_netns, veth_pair
+from tests.netns import in_netns, make_netns, popen_in_netns, veth_pair
 
 UNDERLAY = {"a": "198.18.1.1", "b": "198.18.1.2"}
 TS4 = {"a": "100.64.0.1", "b": "100.64.0.2"}
@@ -128,6 +128,12 @@ def two_agents(rules_a: list[dict[str, Any]], rules_b: list[dict[str, Any]]
             subprocess.run(["rm", "-rf", a.dir, b.dir], check=False)
 
 
+def run_in(ns: str, fn: Any, *args: Any) -> Any:
+    """Call a blocking function in the current thread switched into ``ns``."""
+    with in_netns(ns):
+        return fn(*args)
+
+
 def ping(ns: str, addr: str, count: int = 3) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", "0.2",
                            "-W", "3", addr], capture_output=True, text=True, timeout=30)
@@ -142,3 +148,93 @@ def wait_ping(ns: str, addr: str, timeout: float = 15.0) -> None:
         if last.returncode == 0:
             return
     raise AssertionError(f"no ping reply from {addr} in {ns}: {last.stdout if last else ''}")
+
+
+# --- wireguard-go (the reference implementation) ------------------------------------------------
+
+@dataclass
+class WgGo:
+    ns: str
+    iface: str
+    proc: subprocess.Popen[Any]
+    public_key: str  # "nodekey:hex", the form a netmap carries
+
+    def show(self, what: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.ns, "wg", "show", self.iface, what],
+                              capture_output=True, text=True, timeout=10).stdout
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()
+
+
+@contextlib.contextmanager
+def wireguard_go(ns: str, name: str, tmpdir: str, *, peer_key: str, peer_endpoint: str,
+                 peer_allowed: list[str], listen_port: int = WG_PORT) -> Iterator[WgGo]:
+    """wireguard-go as node ``name`` (tailnet addresses TS4/TS6[name]) with one peer."""
+    import secrets
+
+    from nacl.public import PrivateKey
+
+    from nodeagent.keys import parse_public
+
+    iface = "wgg" + secrets.token_hex(4)  # its UAPI socket path is global: the name must be unique
+    env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+    proc = popen_in_netns(ns, ["wireguard-go", iface], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    sock_path = f"/var/run/wireguard/{iface}.sock"
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock_path):  # polling a file another process creates
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("wireguard-go did not start")
+            time.sleep(0.02)
+        priv = PrivateKey.generate()
+        keyfile = os.path.join(tmpdir, f"{iface}.key")
+        with open(keyfile, "w") as f:
+            f.write(_b64(bytes(priv)))
+        os.chmod(keyfile, 0o600)
+        peer_pub = _b64(parse_public(peer_key, NODE_PREFIX))
+        cmds = [["wg", "set", iface, "listen-port", str(listen_port), "private-key", keyfile,
+                 "peer", peer_pub, "allowed-ips", ",".join(peer_allowed),
+                 "endpoint", peer_endpoint],
+                ["ip", "addr", "add", f"{TS4[name]}/32", "dev", iface],
+                ["ip", "-6", "addr", "add", f"{TS6[name]}/128", "dev", iface, "nodad"],
+                ["ip", "link", "set", iface, "mtu", "1280", "up"],
+                ["ip", "route", "add", "100.64.0.0/10", "dev", iface],
+                ["ip", "-6", "route", "add", "fd7a:115c:a1e0::/48", "dev", iface]]
+        for argv in cmds:
+            r = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True,
+                               text=True, timeout=10)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
+        yield WgGo(ns, iface, proc, NODE_PREFIX + bytes(priv.public_key).hex())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(sock_path)
+
+
+@contextlib.contextmanager
+def agent_and_wireguard_go(rules_a: list[dict[str, Any]]) -> Iterator[tuple[Node, WgGo]]:
+    """nodeagent as node a in one namespace, wireguard-go as node b in the other."""
+    with two_namespaces() as (ns_a, ns_b):
+        a = new_node("a", ns_a)
+        a.rules = rules_a
+        try:
+            with wireguard_go(ns_b, "b", a.dir, peer_key=a.public_key,
+                              peer_endpoint=f"{UNDERLAY['a']}:{WG_PORT}",
+                              peer_allowed=[f"{TS4['a']}/32", f"{TS6['a']}/128"]) as wg:
+                peer = node_entry("b", wg.public_key)
+                start_agent(a, write_netmap(a, peer))
+                yield a, wg
+        finally:
+            stop_agent(a)
+            subprocess.run(["rm", "-rf", a.dir], check=False)

@@ -15,8 +15,8 @@ import pytest
 
 from tests.agentutil import localapi
 from tests.dataplane import connect, send_blob, sink_server
-from tests.netns import in_netns, netns_available, tun_available
-from tests.wgnet import TS4, TS6, two_agents, wait_ping
+from tests.netns import netns_available, tun_available
+from tests.wgnet import TS4, TS6, run_in, two_agents, wait_ping
 
 _missing = netns_available() or tun_available()
 pytestmark = [pytest.mark.integration]
@@ -27,11 +27,6 @@ RULES_A = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Las
 RULES_B = [{"SrcIPs": [TS4["a"], TS6["a"]],
             "DstPorts": [{"IP": TS4["b"], "Ports": {"First": 8080, "Last": 8080}},
                          {"IP": TS6["b"], "Ports": {"First": 8080, "Last": 8080}}]}]
-
-
-def run_in(ns: str, fn, *args):  # type: ignore[no-untyped-def]
-    with in_netns(ns):
-        return fn(*args)
 
 
 def metric(text: str, name: str) -> float:
