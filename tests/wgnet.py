@@ -172,7 +172,8 @@ def _b64(raw: bytes) -> str:
 
 @contextlib.contextmanager
 def wireguard_go(ns: str, name: str, tmpdir: str, *, peer_key: str, peer_endpoint: str,
-                 peer_allowed: list[str], listen_port: int = WG_PORT) -> Iterator[WgGo]:
+                 peer_allowed: list[str], listen_port: int = WG_PORT,
+                 private_key: bytes | None = None) -> Iterator[WgGo]:
     """wireguard-go as node ``name`` (tailnet addresses TS4/TS6[name]) with one peer."""
     import secrets
 
@@ -191,7 +192,7 @@ def wireguard_go(ns: str, name: str, tmpdir: str, *, peer_key: str, peer_endpoin
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("wireguard-go did not start")
             time.sleep(0.02)
-        priv = PrivateKey.generate()
+        priv = PrivateKey(private_key) if private_key else PrivateKey.generate()
         keyfile = os.path.join(tmpdir, f"{iface}.key")
         with open(keyfile, "w") as f:
             f.write(_b64(bytes(priv)))

@@ -1,0 +1,105 @@
+"""Benchmark: TCP throughput and ping RTT through two nodeagent engines vs two wireguard-go.
+
+Builds two network namespaces joined by a veth (198.18.1.0/24), then — in the same run, on the
+same topology — runs iperf3 (TCP, one stream) and ping through (1) two ``nodeagent up`` agents
+and (2) two wireguard-go instances (Debian package), and prints both and the ratio.
+
+Run as root: ``python3 benchmarks/engine_throughput.py [--seconds 5]``.
+Needs: iperf3, wireguard-go, wireguard-tools, ping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nacl.public import PrivateKey
+
+from nodeagent.keys import NODE_PREFIX
+from tests.netns import popen_in_netns
+from tests.wgnet import (
+    TS4,
+    TS6,
+    UNDERLAY,
+    WG_PORT,
+    two_agents,
+    two_namespaces,
+    wait_ping,
+    wireguard_go,
+)
+
+ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
+
+
+def iperf(ns_server: str, ns_client: str, addr: str, seconds: int) -> float:
+    srv = popen_in_netns(ns_server, ["iperf3", "-s", "-1", "-B", addr],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # wait until the server listens
+            r = subprocess.run(["ip", "netns", "exec", ns_server, "ss", "-ltn"],
+                               capture_output=True, text=True)
+            if ":5201" in r.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        r = subprocess.run(["ip", "netns", "exec", ns_client, "iperf3", "-c", addr, "-t",
+                            str(seconds), "-J"], capture_output=True, text=True,
+                           timeout=seconds + 30)
+        data = json.loads(r.stdout)
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def rtt(ns: str, addr: str) -> float:
+    r = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "20", "-i", "0.05", "-q", addr],
+                       capture_output=True, text=True, timeout=30)
+    m = re.search(r"= [\d.]+/([\d.]+)/", r.stdout)
+    return float(m.group(1)) if m else float("nan")
+
+
+def run_nodeagent(seconds: int) -> tuple[float, float]:
+    with two_agents(ALLOW_ALL, ALLOW_ALL) as (a, b):
+        wait_ping(a.ns, TS4["b"])
+        return iperf(b.ns, a.ns, TS4["b"], seconds), rtt(a.ns, TS4["b"])
+
+
+def run_wireguard_go(seconds: int) -> tuple[float, float]:
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    pa = NODE_PREFIX + bytes(ka.public_key).hex()
+    pb = NODE_PREFIX + bytes(kb.public_key).hex()
+    with two_namespaces() as (ns_a, ns_b), tempfile.TemporaryDirectory() as tmp, \
+            wireguard_go(ns_a, "a", tmp, peer_key=pb, private_key=bytes(ka),
+                         peer_endpoint=f"{UNDERLAY['b']}:{WG_PORT}",
+                         peer_allowed=[f"{TS4['b']}/32", f"{TS6['b']}/128"]), \
+            wireguard_go(ns_b, "b", tmp, peer_key=pa, private_key=bytes(kb),
+                         peer_endpoint=f"{UNDERLAY['a']}:{WG_PORT}",
+                         peer_allowed=[f"{TS4['a']}/32", f"{TS6['a']}/128"]):
+        wait_ping(ns_a, TS4["b"])
+        return iperf(ns_b, ns_a, TS4["b"], seconds), rtt(ns_a, TS4["b"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=5)
+    args = ap.parse_args()
+    na_tput, na_rtt = run_nodeagent(args.seconds)
+    wg_tput, wg_rtt = run_wireguard_go(args.seconds)
+    print(f"nodeagent    TCP {na_tput:8.1f} Mbit/s   ping RTT {na_rtt:.3f} ms")
+    print(f"wireguard-go TCP {wg_tput:8.1f} Mbit/s   ping RTT {wg_rtt:.3f} ms")
+    print(f"ratio nodeagent/wireguard-go: throughput {na_tput / wg_tput:.2f}x, "
+          f"RTT {na_rtt / wg_rtt:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
