@@ -23,10 +23,8 @@ def register(reg: CLIRegistry) -> None:
     reg.add_group(("debug",), "debugging commands (features add more)")
     reg.add_command(("debug", "metrics"), help="print the agent's counters (Prometheus text)",
                     run=_debug_metrics)
-    try:
-        from nodeagent.cli import control_cmds
-    except ImportError:  # the control plane is being added; the core CLI works without it
-        return
+    from nodeagent.cli import control_cmds
+
     control_cmds.register(reg)
 
 

@@ -1,0 +1,130 @@
+"""Administrator operations of the coordination server: auth keys, node lookup, deletion,
+expiry, c2n requests, and the admin view of a node.
+
+Owns the semantics behind the admin API; ``ControlServer`` mixes this class in, and
+``admin_routes`` exposes it over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from nodeagent.control import proto
+from nodeagent.control.store import AuthKeyRecord, NodeRecord
+
+if TYPE_CHECKING:
+    from nodeagent.control.policy import Policy
+    from nodeagent.control.server import ServerConfig, _Session
+    from nodeagent.control.store import Store
+
+AUTHKEY_PREFIX = "nakey-"
+
+
+class AdminError(Exception):
+    """An admin request that cannot be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def hash_authkey(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class AdminOps:
+    """Mixin for ControlServer; relies on its store, policy, sessions and config."""
+
+    store: Store
+    policy: Policy
+    sessions: dict[int, _Session]
+    cfg: ServerConfig
+    _c2n_ids: itertools.count[int]
+
+    def changed(self) -> None:
+        raise NotImplementedError
+
+    async def _push(self, s: _Session, nm: dict[str, Any] | None) -> None:
+        raise NotImplementedError
+
+    def create_authkey(self, *, user: str = "admin", reusable: bool = False,
+                       ephemeral: bool = False, tags: list[str] | None = None,
+                       expiry: float = 90 * 86400.0) -> tuple[str, AuthKeyRecord]:
+        tags = list(tags or [])
+        for t in tags:
+            if t not in self.policy.tag_owners:
+                raise AdminError(400, f"{t!r} is not declared in the policy's tagOwners")
+        secret = AUTHKEY_PREFIX + secrets.token_hex(24)
+        now = time.time()
+        rec = AuthKeyRecord(id=0, key_hash=hash_authkey(secret), prefix=secret[:14], user=user,
+                            reusable=reusable, ephemeral=ephemeral, tags=tags, created=now,
+                            expires=now + expiry if expiry else 0.0)
+        return secret, self.store.add_authkey(rec)
+
+    def find_node(self, sel: str) -> NodeRecord:
+        nodes = self.store.list_nodes()
+        hits = [n for n in nodes if sel in (str(n.id), f"n{n.id}", n.name, n.ipv4, n.ipv6,
+                                            "nodekey:" + n.node_key)]
+        if not hits:
+            hits = [n for n in nodes if n.hostname == sel]
+        if not hits:
+            raise AdminError(404, f"no node {sel!r}")
+        if len(hits) > 1:
+            raise AdminError(409, f"{sel!r} matches several nodes "
+                                  f"({', '.join(n.name for n in hits)}); use the ID")
+        return hits[0]
+
+    async def delete_node(self, sel: str) -> NodeRecord:
+        rec = self.find_node(sel)
+        self.store.delete_node(rec.id)
+        sess = self.sessions.get(rec.id)
+        self.changed()
+        if sess is not None:
+            await self._push(sess, None)
+        return rec
+
+    def expire_node(self, sel: str) -> NodeRecord:
+        rec = self.find_node(sel)
+        rec.key_expiry = time.time()
+        self.store.update_node(rec)
+        self.changed()
+        return rec
+
+    async def c2n(self, sel: str, method: str, path: str, body: bytes = b"",
+                  headers: dict[str, str] | None = None,
+                  timeout: float | None = None) -> tuple[int, dict[str, str], bytes]:
+        rec = self.find_node(sel)
+        sess = self.sessions.get(rec.id)
+        if sess is None:
+            seen = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.last_seen))
+                    if rec.last_seen else "never")
+            raise AdminError(409, f"node {rec.name} is offline (last seen {seen})")
+        timeout = self.cfg.c2n_timeout if timeout is None else timeout
+        cid = next(self._c2n_ids)
+        fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = (
+            asyncio.get_running_loop().create_future())
+        sess.pending[cid] = fut
+        try:
+            await sess.send(proto.msg("c2n", ID=cid, Method=method.upper(), Path=path,
+                                      Headers=dict(headers or {}), Body=body))
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise AdminError(504, f"node {rec.name} did not answer within {timeout:g}s") from None
+        except (ConnectionError, RuntimeError):
+            raise AdminError(502, f"node {rec.name}: the stream broke while sending") from None
+        finally:
+            sess.pending.pop(cid, None)
+
+    def node_json(self, rec: NodeRecord) -> dict[str, Any]:
+        return {"ID": rec.id, "Name": rec.name, "HostName": rec.hostname, "User": rec.user,
+                "Tags": rec.tags, "Addresses": [rec.ipv4, rec.ipv6],
+                "NodeKey": "nodekey:" + rec.node_key, "MachineKey": "mkey:" + rec.machine_key,
+                "Online": rec.id in self.sessions, "LastSeen": rec.last_seen,
+                "Created": rec.created, "KeyExpiry": rec.key_expiry,
+                "Expired": rec.expired(), "Ephemeral": rec.ephemeral,
+                "Endpoints": rec.endpoints, "HomeDERP": rec.home_derp, "OS": rec.os}

@@ -1,0 +1,116 @@
+"""The agent's side of control: log in, follow the map stream, feed netmaps to the agent.
+
+``ControlLink`` binds a :class:`~nodeagent.control.client.ControlClient` to one running agent:
+registration with the auth key (persisting the login in the state file, so a restart keeps the
+identity and addresses), the netmap stream applied through ``Agent.apply_netmap``, c2n requests
+dispatched through the backend's c2n router, the node's endpoints (local addresses with the
+WireGuard port) reported, and the backend state (``NeedsLogin``/``Starting``/``Running``) kept
+true for ``/localapi/v0/status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from typing import Any
+
+from nodeagent.agent import ConfigError
+from nodeagent.control.client import (
+    ControlClient,
+    ControlError,
+    ControlFatalError,
+    c2n_handler_from_router,
+)
+from nodeagent.tundev.netconf import call_in_netns
+
+log = logging.getLogger("nodeagent.control")
+
+
+class ControlLink:
+    def __init__(self, agent: Any, server_url: str, auth_key: str | None) -> None:
+        self.agent = agent
+        self.url = server_url
+        self.auth_key = auth_key or ""
+        self.client: ControlClient | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        backend = self.agent.backend
+        st = backend.state
+        self.client = ControlClient(
+            self.url, st.machine_key, st.node_key,
+            hostname=backend.prefs.Hostname or socket.gethostname(),
+            state=st.login, on_state_change=lambda: backend.store.save(st),
+            disco_key=st.disco_key.public, endpoints=self._endpoints())
+        backend.set_backend_state("Starting")
+        try:
+            await self.client.register(self.auth_key)
+        except ControlError as e:
+            backend.set_backend_state("NeedsLogin")
+            raise ControlLoginError(str(e)) from None
+        backend.store.save(st)
+        self.task = asyncio.create_task(self._run(), name="control-stream")
+
+    async def _run(self) -> None:
+        assert self.client is not None
+        backend = self.agent.backend
+        try:
+            await self.client.run(self.agent.apply_netmap, c2n_handler_from_router(backend.c2n),
+                                  on_status=self._status)
+        except ControlFatalError as e:
+            log.error("control: %s", e)
+            backend.set_health("control", str(e))
+            backend.set_backend_state("NeedsLogin")
+
+    def _status(self, state: str, detail: str) -> None:
+        backend = self.agent.backend
+        if state == "connected":
+            backend.set_health("control", None)
+        else:
+            backend.set_health("control", f"not connected to control: {detail}")
+
+    def _endpoints(self) -> list[str]:
+        """Local unicast addresses with the WireGuard port: direct paths peers can try."""
+        dp = self.agent.dataplane
+        port = dp.transport.port if dp is not None else 0
+        if not port:
+            return []
+        try:
+            addrs = call_in_netns(None, _local_addresses)
+        except Exception as e:  # endpoints are an optimisation; never fail login over them
+            log.warning("cannot list local addresses for endpoints: %s", e)
+            return []
+        out = []
+        for addr in addrs:
+            ip = ipaddress.ip_address(addr)
+            if ip.is_loopback or ip.is_link_local or ip.is_multicast:
+                continue
+            if ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10"):
+                continue  # our own tailnet address: not a path to us
+            if ip.version == 6 and ip in ipaddress.ip_network("fd7a:115c:a1e0::/48"):
+                continue
+            out.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+        return sorted(set(out))
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+            self.task = None
+
+
+class ControlLoginError(ConfigError):
+    """Login was refused or the server could not be reached at start: one line."""
+
+
+def _local_addresses() -> list[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return [a for msg in ipr.get_addr() if (a := msg.get_attr("IFA_ADDRESS"))]

@@ -1,0 +1,454 @@
+"""The coordination server: registration, map streams, policy, c2n (aiohttp).
+
+Owns the server process's state in memory (open map sessions, the active policy) on top of a
+``Store``, and the node-facing HTTP/WebSocket endpoints described in ``nodeagent.control.proto``.
+Admin operations live in ``adminops`` (a mixin), their HTTP API in ``admin_routes``.
+
+State dir layout: ``control.db`` (SQLite, 0600; the server key is a setting in it),
+``admin-token`` (0600) and ``control-url`` (where the running server listens, for the CLI).
+
+Policy source: the ``--policy`` file when one is given (re-read on SIGHUP / ``reload_policy``),
+else the last policy set through the admin API, else allow-all. ``set_policy`` stores the text in
+the database; a restart with ``--policy`` goes back to the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from nacl.public import PrivateKey
+
+from nodeagent.control import mapper, proto
+from nodeagent.control.adminops import AdminError, AdminOps, hash_authkey
+from nodeagent.control.policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
+from nodeagent.control.store import AuthKeyRecord, NodeRecord, SQLiteStore, Store
+
+log = logging.getLogger("nodeagent.control.server")
+
+DEFAULT_DOMAIN = "nodeagent.internal"
+
+
+@dataclass
+class ServerConfig:
+    state_dir: Path
+    policy_path: Path | None = None
+    domain: str = DEFAULT_DOMAIN
+    key_expiry: float = 180 * 86400.0  # seconds; 0 = node keys never expire
+    keepalive: float = 15.0
+    c2n_timeout: float = 10.0
+    ephemeral_grace: float = 30.0  # an offline ephemeral node is deleted after this long
+    handshake_timeout: float = 10.0
+
+
+@dataclass(eq=False)
+class _Session:
+    node_id: int
+    ws: web.WebSocketResponse
+    chan: proto.Channel
+    last_sent: dict[str, Any] | None = None
+    pending: dict[int, asyncio.Future[tuple[int, dict[str, str], bytes]]] = field(
+        default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        # Sequence numbers are assigned at sealing, so sealing and sending must not interleave.
+        async with self.lock:
+            await self.ws.send_bytes(self.chan.seal(message))
+
+
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.chmod(path, 0o600)
+
+
+class ControlServer(AdminOps):
+    def __init__(self, cfg: ServerConfig, store: Store | None = None) -> None:
+        self.cfg = cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store: Store = store or SQLiteStore(cfg.state_dir / "control.db")
+        key_hex = self.store.get_setting("server_key")
+        if key_hex is None:
+            key_hex = bytes(PrivateKey.generate()).hex()
+            self.store.set_setting("server_key", key_hex)
+        self._server_private = bytes.fromhex(key_hex)
+        self.server_public = bytes(PrivateKey(self._server_private).public_key)
+        tok_path = cfg.state_dir / "admin-token"
+        if tok_path.exists():
+            self.admin_token = tok_path.read_text().strip()
+        else:
+            self.admin_token = secrets.token_urlsafe(32)
+            _write_secret(tok_path, self.admin_token)
+        self.policy = self._initial_policy()
+        self.sessions: dict[int, _Session] = {}
+        self._c2n_ids = itertools.count(1)
+        self._dirty = False
+        self._broadcast_task: asyncio.Task[None] | None = None
+        self._ephemeral: dict[int, asyncio.TimerHandle] = {}
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+        self.app = self._make_app()
+
+    # --- policy --------------------------------------------------------------------------------
+    def _initial_policy(self) -> Policy:
+        if self.cfg.policy_path is not None:
+            return self._read_policy_file()
+        stored = self.store.get_setting("policy")
+        return parse_policy(stored if stored is not None else DEFAULT_POLICY_TEXT)
+
+    def _read_policy_file(self) -> Policy:
+        path = self.cfg.policy_path
+        assert path is not None
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise PolicyError(f"cannot read policy file {path}: {e.strerror}") from None
+        try:
+            return parse_policy(text)
+        except PolicyError as e:
+            raise PolicyError(f"{path}:{e}") from None
+
+    def reload_policy(self) -> None:
+        """Re-read the ``--policy`` file; a bad file raises and the running policy stays."""
+        if self.cfg.policy_path is None:
+            return
+        self.policy = self._read_policy_file()
+        self.changed()
+
+    def set_policy(self, text: str) -> None:
+        pol = parse_policy(text)  # raises PolicyError; nothing changes then
+        self.store.set_setting("policy", text)
+        self.policy = pol
+        self.changed()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def _make_app(self) -> web.Application:
+        from nodeagent.control import admin_routes
+
+        app = web.Application(client_max_size=proto.MAX_MESSAGE)
+        app.router.add_get("/key", self._h_key)
+        app.router.add_post("/machine/register", self._h_register)
+        app.router.add_get("/machine/map", self._h_map)
+        admin_routes.add_routes(app, self)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sock_host, sock_port = server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+        shown = f"[{sock_host}]" if ":" in sock_host else sock_host
+        self.url = f"http://{shown}:{sock_port}"
+        (self.cfg.state_dir / "control-url").write_text(self.url + "\n")
+        log.info("control server listening on %s", self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        for h in self._ephemeral.values():
+            h.cancel()
+        for s in list(self.sessions.values()):
+            await s.ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._broadcast_task is not None:
+            self._broadcast_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._broadcast_task
+        self.store.close()
+
+    # --- change propagation --------------------------------------------------------------------
+    def changed(self) -> None:
+        """Something netmaps depend on changed: recompute and send to every open stream."""
+        self._dirty = True
+        if self._broadcast_task is None or self._broadcast_task.done():
+            self._broadcast_task = asyncio.get_running_loop().create_task(self._broadcast())
+
+    async def _broadcast(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            if not self.sessions:
+                return
+            maps = mapper.build_netmaps(self.store.list_nodes(), self.policy,
+                                        set(self.sessions), domain=self.cfg.domain,
+                                        only=set(self.sessions))
+            await asyncio.gather(*(self._push(s, maps.get(nid))
+                                   for nid, s in list(self.sessions.items())))
+
+    async def _push(self, s: _Session, nm: dict[str, Any] | None) -> None:
+        if nm is None:  # the node was deleted under an open stream
+            with contextlib.suppress(Exception):
+                await s.send(proto.msg("error", Error="this node was deleted from the tailnet",
+                                       Fatal=True))
+            await s.ws.close()
+            return
+        m = mapper.diff(s.last_sent, nm)
+        if m is None:
+            return
+        if m["Type"] == "netmap":
+            m["KeepAlive"] = self.cfg.keepalive
+        try:
+            await s.send(m)
+            s.last_sent = nm
+        except (ConnectionError, RuntimeError) as e:
+            log.info("node %d: send failed: %s", s.node_id, e)
+
+    # --- node endpoints ------------------------------------------------------------------------
+    @staticmethod
+    def _err(status: int, text: str) -> web.Response:
+        return web.Response(status=status, body=proto.encode_error(text),
+                            content_type="application/msgpack")
+
+    async def _h_key(self, req: web.Request) -> web.Response:
+        problem = proto.version_problem(_query_version(req))
+        if problem:
+            return self._err(400, problem)
+        return web.Response(body=proto.pack({"PublicKey": self.server_public,
+                                             "MinCapabilityVersion": proto.MIN_CAPABILITY_VERSION}),
+                            content_type="application/msgpack")
+
+    async def _h_register(self, req: web.Request) -> web.Response:
+        problem = proto.version_problem(_query_version(req))
+        if problem:
+            return self._err(400, problem)
+        try:
+            env = proto.decode_envelope(await req.read())
+            chan = proto.Channel(self._server_private, env.machine_key, server=True)
+            m = proto.check_message(chan.open(env.sealed, max_skew=proto.MAX_CLOCK_SKEW),
+                                    frozenset(("register",)))
+        except proto.ProtoError as e:
+            return self._err(400, str(e))
+        try:
+            rec = self._register(env.machine_key.hex(), m)
+        except AdminError as e:
+            return self._err(e.status, str(e))
+        if rec.ephemeral and rec.id not in self.sessions:
+            self._schedule_ephemeral_drop(rec.id)  # also goes if it never connects
+        self.changed()
+        nm = mapper.node_wire(rec, domain=self.cfg.domain, online=rec.id in self.sessions,
+                              caps={}, now=time.time())
+        body = chan.seal(proto.msg("register-ok", ReqID=m["ReqID"], Node=nm))
+        return web.Response(body=proto.pack({"Sealed": body}),
+                            content_type="application/msgpack")
+
+    def _register(self, mkey: str, m: dict[str, Any]) -> NodeRecord:
+        nkey = m["NodeKey"].hex()
+        now = time.time()
+        mine = self.store.node_by_machine(mkey)
+        other = self.store.node_by_node_key(nkey)
+        if other is not None and other.machine_key != mkey:
+            raise AdminError(403, "this node key is registered to another machine")
+        if mine is not None and mine.node_key == nkey and not mine.expired(now):
+            return mine  # already registered: no auth key needed, none consumed
+        auth = m["AuthKey"]
+        if not auth:
+            if mine is not None and mine.expired(now):
+                raise AdminError(401, "node key expired: log in again with an auth key")
+            raise AdminError(401, "this machine is not registered: an auth key is needed")
+        key = self._check_authkey(auth, now)
+        disco = (m.get("DiscoKey") or b"").hex()
+        expiry = 0.0 if key.tags or not self.cfg.key_expiry else now + self.cfg.key_expiry
+        if mine is None:
+            v4, v6 = self.store.addresses_for(mkey)
+            rec = NodeRecord(id=0, machine_key=mkey, node_key=nkey,
+                             name=self._unique_name(m["Hostname"], None),
+                             hostname=m["Hostname"], user=key.user, ipv4=v4, ipv6=v6,
+                             disco_key=disco, tags=list(key.tags), created=now,
+                             key_expiry=expiry, ephemeral=key.ephemeral, os=m["OS"])
+            rec = self.store.add_node(rec)
+        else:
+            rec = mine
+            rec.node_key, rec.user, rec.tags = nkey, key.user, list(key.tags)
+            rec.key_expiry, rec.ephemeral, rec.os = expiry, key.ephemeral, m["OS"]
+            rec.disco_key = disco or rec.disco_key
+            if m["Hostname"] != rec.hostname:
+                rec.hostname = m["Hostname"]
+                rec.name = self._unique_name(m["Hostname"], rec.id)
+            self.store.update_node(rec)
+        key.used += 1
+        self.store.update_authkey(key)
+        log.info("registered node %d %s (%s) for %s", rec.id, rec.name, rec.ipv4, key.user)
+        return rec
+
+    def _check_authkey(self, secret: str, now: float) -> AuthKeyRecord:
+        key = self.store.authkey_by_hash(hash_authkey(secret))
+        if key is None:
+            raise AdminError(401, "invalid auth key")
+        if key.revoked:
+            raise AdminError(401, "auth key has been revoked")
+        if key.expires and key.expires <= now:
+            raise AdminError(401, "auth key has expired")
+        if not key.reusable and key.used:
+            raise AdminError(401, "auth key was already used (create a --reusable one "
+                                  "for several nodes)")
+        return key
+
+    def _unique_name(self, hostname: str, own_id: int | None) -> str:
+        base = mapper.dns_label(hostname)
+        taken = {n.name for n in self.store.list_nodes() if n.id != own_id}
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}-{i}", i + 1
+        return name
+
+    async def _h_map(self, req: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=proto.MAX_MESSAGE)
+        await ws.prepare(req)
+        problem = proto.version_problem(_query_version(req))
+        if problem:
+            await ws.send_bytes(proto.encode_error(problem))
+            await ws.close()
+            return ws
+        challenge = proto.new_challenge()
+        await ws.send_bytes(proto.encode_hello(challenge, self.server_public))
+        sess = None
+        try:
+            sess = await self._map_handshake(ws, challenge)
+            if sess is not None:
+                await self._map_loop(sess)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if sess is not None:
+                self._session_ended(sess)
+            await ws.close()
+        return ws
+
+    async def _map_handshake(self, ws: web.WebSocketResponse,
+                             challenge: bytes) -> _Session | None:
+        try:
+            first = await ws.receive(timeout=self.cfg.handshake_timeout)
+        except TimeoutError:
+            return None
+        if first.type != WSMsgType.BINARY:
+            return None
+        try:
+            env = proto.decode_envelope(first.data)
+            chan = proto.Channel(self._server_private, env.machine_key, server=True)
+            m = proto.check_message(chan.open(env.sealed), frozenset(("map",)))
+            if m["Challenge"] != challenge:
+                raise proto.ProtoError("map request does not answer this stream's challenge")
+        except proto.ProtoError as e:
+            await ws.send_bytes(proto.encode_error(str(e)))
+            return None
+        rec = self.store.node_by_machine(env.machine_key.hex())
+        problem = None
+        if rec is None:
+            problem = "this machine is not registered (log in with an auth key)"
+        elif rec.node_key != m["NodeKey"].hex():
+            problem = "this node key is not registered to this machine (log in again)"
+        elif rec.expired():
+            problem = "node key expired: log in again with an auth key"
+        if problem or rec is None:
+            await ws.send_bytes(chan.seal(proto.msg("error", Error=problem, Fatal=True)))
+            return None
+        handle = self._ephemeral.pop(rec.id, None)
+        if handle is not None:
+            handle.cancel()
+        old = self.sessions.get(rec.id)
+        sess = _Session(rec.id, ws, chan)
+        self.sessions[rec.id] = sess
+        if old is not None:
+            await old.ws.close()
+        rec.hostname = m["Hostname"] or rec.hostname
+        rec.os, rec.endpoints, rec.home_derp = m["OS"], list(m["Endpoints"]), m["HomeDERP"]
+        if m.get("DiscoKey"):
+            rec.disco_key = m["DiscoKey"].hex()
+        rec.last_seen = time.time()
+        self.store.update_node(rec)
+        nm = mapper.build_netmaps(self.store.list_nodes(), self.policy, set(self.sessions),
+                                  domain=self.cfg.domain, only={rec.id}).get(rec.id)
+        if nm is not None:
+            await self._push(sess, nm)
+        self.changed()
+        return sess
+
+    async def _map_loop(self, sess: _Session) -> None:
+        ka = asyncio.get_running_loop().create_task(self._keepalives(sess))
+        try:
+            while True:
+                frame = await sess.ws.receive(timeout=self.cfg.keepalive * 3)
+                if frame.type != WSMsgType.BINARY:
+                    return
+                try:
+                    m = proto.check_message(sess.chan.open(frame.data), proto.CLIENT_TYPES)
+                except proto.ProtoError as e:
+                    log.info("node %d: dropping stream: %s", sess.node_id, e)
+                    return
+                self._on_client_message(sess, m)
+        except TimeoutError:
+            log.info("node %d: stream silent for too long", sess.node_id)
+        finally:
+            ka.cancel()
+
+    def _on_client_message(self, sess: _Session, m: dict[str, Any]) -> None:
+        t = m["Type"]
+        if t == "c2n-response":
+            fut = sess.pending.get(m["ID"])
+            if fut is not None and not fut.done():
+                headers = {str(k): str(v) for k, v in m["Headers"].items()}
+                fut.set_result((m["Status"], headers, m["Body"]))
+        elif t == "update":
+            rec = self.store.get_node(sess.node_id)
+            if rec is None:
+                return
+            if m.get("Endpoints") is not None:
+                rec.endpoints = list(m["Endpoints"])
+            if m.get("HomeDERP") is not None:
+                rec.home_derp = m["HomeDERP"]
+            self.store.update_node(rec)
+            self.changed()
+
+    async def _keepalives(self, sess: _Session) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while not sess.ws.closed:
+                await asyncio.sleep(self.cfg.keepalive)
+                await sess.send(proto.msg("keepalive"))
+
+    def _session_ended(self, sess: _Session) -> None:
+        for fut in sess.pending.values():
+            if not fut.done():
+                fut.set_exception(AdminError(502, "the node went offline before answering"))
+        if self.sessions.get(sess.node_id) is not sess:
+            return  # replaced by a newer stream of the same node
+        del self.sessions[sess.node_id]
+        rec = self.store.get_node(sess.node_id)
+        if rec is not None:
+            rec.last_seen = time.time()
+            self.store.update_node(rec)
+            if rec.ephemeral:
+                self._schedule_ephemeral_drop(rec.id)
+        self.changed()
+
+    def _schedule_ephemeral_drop(self, node_id: int) -> None:
+        old = self._ephemeral.pop(node_id, None)
+        if old is not None:
+            old.cancel()
+        self._ephemeral[node_id] = asyncio.get_running_loop().call_later(
+            self.cfg.ephemeral_grace, self._drop_ephemeral, node_id)
+
+    def _drop_ephemeral(self, node_id: int) -> None:
+        self._ephemeral.pop(node_id, None)
+        if node_id not in self.sessions and self.store.get_node(node_id) is not None:
+            log.info("deleting offline ephemeral node %d", node_id)
+            self.store.delete_node(node_id)
+            self.changed()
+
+
+def _query_version(req: web.Request) -> int | None:
+    v = req.query.get("v", "")
+    return int(v) if v.isdecimal() and v.isascii() and len(v) < 10 else None
