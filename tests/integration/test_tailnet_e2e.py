@@ -1,0 +1,311 @@
+"""A whole tailnet on our software: ``nodeagent control serve`` in the root namespace, three
+``nodeagent up --login-server`` agents in three namespaces (a bridge in a hub namespace joins
+them; a veth brings the root namespace onto it), real WireGuard between them.
+
+Underlay 198.18.2.0/24 (benchmark range, only on these links); tailnet addresses from control.
+The tests run in order against one tailnet (module fixture) and cover issues 5 and 6's
+acceptance: registration with one reusable key, pings, policy pushes enforced within 2 s,
+connection-rejection diagnostics on both sides and over c2n, node deletion, control restart,
+agents going offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.agentutil import localapi, nodeagent_cmd, public_tempdir
+from tests.dataplane import connect
+from tests.netns import create_netns, netns_available, popen_in_netns, remove_netns, tun_available
+from tests.wgnet import ping, run_in
+
+_missing = netns_available() or tun_available()
+pytestmark = [pytest.mark.integration]
+if _missing:
+    pytestmark.append(pytest.mark.skip(reason=_missing))
+
+HAS_CONNREJECT = importlib.util.find_spec("nodeagent_connreject") is not None
+HUB_IP = "198.18.2.254"
+
+POLICY_OPEN = """{
+  // everyone may reach everyone, except n2's port 22
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["n1:*", "n3:*"]},
+    {"action": "accept", "src": ["*"], "dst": ["n2:0-21", "n2:23-65535"]},
+  ],
+  "nodeAttrs": [{"target": ["*"], "attr": ["debug-conn-reject"]}],
+}
+"""
+POLICY_CLOSED_N1 = POLICY_OPEN.replace('"dst": ["n1:*", "n3:*"]', '"dst": ["n3:*"]')
+POLICY_NO_ATTR = POLICY_OPEN.replace('"nodeAttrs": [{"target": ["*"], "attr": '
+                                     '["debug-conn-reject"]}],', "")
+
+
+@dataclass
+class Agent:
+    name: str
+    ns: str
+    dir: str
+    proc: subprocess.Popen[Any] | None = None
+    ip4: str = ""
+
+    @property
+    def sock(self) -> str:
+        return os.path.join(self.dir, "na.sock")
+
+    def api(self, path: str, method: str = "GET") -> Any:
+        st, body = asyncio.run(localapi(self.sock, method, f"/localapi/v0/{path}"))
+        assert st == 200, (path, st, body)
+        return body
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*nodeagent_cmd(), *args, "--socket", self.sock],
+                              capture_output=True, text=True, timeout=30)
+
+
+@dataclass
+class Tailnet:
+    dir: str
+    url: str
+    control: subprocess.Popen[Any]
+    agents: dict[str, Agent]
+    key: str
+    policy: str
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*nodeagent_cmd(), "control", *args, "--state-dir",
+                               os.path.join(self.dir, "control")],
+                              capture_output=True, text=True, timeout=30)
+
+    def set_policy(self, text: str) -> None:
+        with open(self.policy, "w") as f:
+            f.write(text)
+        r = self.ctl("policy", "set", self.policy)
+        assert r.returncode == 0, r.stderr
+
+
+def _ip(*args: str, ns: str | None = None) -> None:
+    argv = ["ip", *args] if ns is None else ["ip", "netns", "exec", ns, "ip", *args]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, f"{argv}: {r.stderr}"
+
+
+def start_control(d: str, port: int) -> subprocess.Popen[Any]:
+    logf = open(os.path.join(d, "control.log"), "a")
+    proc = subprocess.Popen([*nodeagent_cmd(), "control", "serve", "--listen",
+                             f"{HUB_IP}:{port}", "--state-dir", os.path.join(d, "control"),
+                             "--keepalive", "1"],
+                            stdout=logf, stderr=subprocess.STDOUT)
+    url_file = os.path.join(d, "control", "control-url")
+    deadline = time.monotonic() + 20
+    while True:
+        r = subprocess.run([*nodeagent_cmd(), "control", "nodes", "--state-dir",
+                            os.path.join(d, "control")], capture_output=True, text=True)
+        if r.returncode == 0 and os.path.exists(url_file):
+            return proc
+        assert proc.poll() is None, open(os.path.join(d, "control.log")).read()
+        assert time.monotonic() < deadline, "control did not come up"
+        time.sleep(0.1)
+
+
+def start_agent(t: Tailnet, a: Agent) -> None:
+    logf = open(os.path.join(a.dir, "agent.log"), "a")
+    a.proc = popen_in_netns(a.ns, [*nodeagent_cmd(), "up", "--socket", a.sock, "--state-dir",
+                                   os.path.join(a.dir, "state"), "--tun", "na0", "--hostname",
+                                   a.name, "--login-server", t.url, "--auth-key", t.key],
+                            stdout=logf, stderr=subprocess.STDOUT)
+    wait(lambda: os.path.exists(a.sock), 20, f"{a.name} socket")
+
+
+def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def peers_online(a: Agent) -> set[str]:
+    st = a.api("status")
+    return {p["HostName"] for p in (st.get("Peer") or {}).values()}
+
+
+@pytest.fixture(scope="module")
+def tailnet() -> Iterator[Tailnet]:
+    d = public_tempdir("na-tailnet-")
+    made: list[str] = []
+    root_if = "nar" + secrets.token_hex(3)
+    control = None
+    agents: dict[str, Agent] = {}
+    try:
+        hub = create_netns("nahub")
+        made.append(hub)
+        _ip("link", "add", "br0", "type", "bridge", ns=hub)
+        _ip("link", "set", "br0", "up", ns=hub)
+        _ip("link", "add", root_if, "type", "veth", "peer", "name", "broot", "netns", hub)
+        _ip("addr", "add", f"{HUB_IP}/24", "dev", root_if)
+        _ip("link", "set", root_if, "up")
+        _ip("link", "set", "broot", "master", "br0", "up", ns=hub)
+        for i in (1, 2, 3):
+            ns = create_netns(f"nan{i}")
+            made.append(ns)
+            _ip("link", "add", "eth0", "type", "veth", "peer", "name", f"b{i}", "netns", hub,
+                ns=ns)
+            _ip("addr", "add", f"198.18.2.{i}/24", "dev", "eth0", ns=ns)
+            _ip("link", "set", "eth0", "up", ns=ns)
+            _ip("link", "set", f"b{i}", "master", "br0", "up", ns=hub)
+            ad = os.path.join(d, f"n{i}")
+            os.makedirs(ad)
+            agents[f"n{i}"] = Agent(f"n{i}", ns, ad)
+        port = 18000 + secrets.randbelow(2000)
+        policy = os.path.join(d, "policy.hujson")
+        with open(policy, "w") as f:
+            f.write(POLICY_OPEN)
+        os.makedirs(os.path.join(d, "control"))
+        control = start_control(d, port)
+        t = Tailnet(d, f"http://{HUB_IP}:{port}", control, agents, "", policy)
+        t.set_policy(POLICY_OPEN)
+        r = t.ctl("authkey", "create", "--reusable")
+        assert r.returncode == 0, r.stderr
+        t.key = r.stdout.strip().splitlines()[-1]
+        for a in agents.values():
+            start_agent(t, a)
+        for a in agents.values():
+            wait(lambda a=a: len(peers_online(a)) == 2, 20, f"{a.name} sees two peers")
+            a.ip4 = a.api("status")["Self"]["TailscaleIPs"][0]
+        yield t
+    finally:
+        for a in agents.values():
+            stop(a.proc)
+        stop(t.control if "t" in locals() else control)
+        for ns in made:
+            remove_netns(ns)
+        subprocess.run(["ip", "link", "del", root_if], capture_output=True)
+        subprocess.run(["rm", "-rf", d], check=False)
+
+
+def test_all_register_and_ping(tailnet: Tailnet) -> None:
+    ag = tailnet.agents
+    assert len({a.ip4 for a in ag.values()}) == 3
+    for a in ag.values():
+        st = a.api("status")
+        assert st["BackendState"] == "Running"
+        for b in ag.values():
+            if b is not a:
+                deadline = time.monotonic() + 15
+                while ping(a.ns, b.ip4, 1).returncode != 0:
+                    assert time.monotonic() < deadline, f"{a.name} cannot ping {b.name}"
+
+
+@pytest.mark.skipif(not HAS_CONNREJECT, reason="feature connreject is not installed")
+def test_rejects_recorded_both_sides_and_over_c2n(tailnet: Tailnet) -> None:
+    n1, n2 = tailnet.agents["n1"], tailnet.agents["n2"]
+    for _ in range(3):
+        outcome, took = run_in(n1.ns, connect, n2.ip4, 22, 5.0)
+        assert outcome == "refused" and took < 1.0
+    r = n1.cli("debug", "rejects", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    (ev,) = [e for e in out["Outgoing"] if e["Dst"] == f"{n2.ip4}:22"]
+    assert (ev["Reason"], ev["Source"], ev["Count"]) == ("acl", "tsmp_recv", 3)
+    body = n2.api("debug-rejects")
+    (inc,) = [e for e in body["Incoming"] if e["Src"].startswith(n1.ip4 + ":")]
+    assert (inc["Reason"], inc["Source"]) == ("acl", "tsmp_sent")
+    r = tailnet.ctl("c2n", "n2", "GET", "/debug/rejects")
+    assert r.returncode == 0 and "status 200" in r.stdout, r.stdout + r.stderr
+    c2n_body = json.loads(r.stdout.split("\n", 1)[1])
+    assert c2n_body == n2.api("debug-rejects")
+    table = n1.cli("debug", "rejects")
+    assert "refused by the tailnet policy on n2" in table.stdout
+
+
+def test_policy_change_enforced_within_two_seconds(tailnet: Tailnet) -> None:
+    n1, n3 = tailnet.agents["n1"], tailnet.agents["n3"]
+    from tests.dataplane import sink_server
+
+    with sink_server(n1.ns, n1.ip4, 7000):
+        assert run_in(n3.ns, connect, n1.ip4, 7000, 5.0)[0] == "connected"
+    t0 = time.monotonic()
+    tailnet.set_policy(POLICY_CLOSED_N1)
+    while run_in(n3.ns, connect, n1.ip4, 7001, 1.0)[0] != "refused":
+        assert time.monotonic() - t0 < 2.0, "policy not enforced within 2 s"
+    tailnet.set_policy(POLICY_OPEN)
+
+
+@pytest.mark.skipif(not HAS_CONNREJECT, reason="feature connreject is not installed")
+def test_removing_attribute_disables_within_two_seconds(tailnet: Tailnet) -> None:
+    n1 = tailnet.agents["n1"]
+    t0 = time.monotonic()
+    tailnet.set_policy(POLICY_NO_ATTR)
+    wait(lambda: n1.api("debug-rejects") == {"Enabled": False, "Outgoing": [], "Incoming": []},
+         2.0, "Enabled false")
+    assert time.monotonic() - t0 < 2.0
+    tailnet.set_policy(POLICY_OPEN)
+    wait(lambda: n1.api("debug-rejects")["Enabled"] is True, 5.0, "Enabled again")
+
+
+def test_stopped_agent_reported_and_marked_offline(tailnet: Tailnet) -> None:
+    n1, n3 = tailnet.agents["n1"], tailnet.agents["n3"]
+    stop(n3.proc, signal.SIGKILL)
+
+    def n3_offline() -> bool:
+        r = tailnet.ctl("nodes", "--json")
+        return any(n["HostName"] == "n3" and not n["Online"] for n in json.loads(r.stdout))
+
+    wait(n3_offline, 10, "n3 offline at control")
+    t0 = time.monotonic()
+    outcome, _ = run_in(n1.ns, connect, n3.ip4, 7000, 6.5)
+    assert outcome == "timeout"
+    if HAS_CONNREJECT:
+        def reported() -> bool:
+            return any(e["Source"] == "pendopen_timeout" and e["Dst"] == f"{n3.ip4}:7000"
+                       and e["Reason"] in ("peer-unreachable", "timeout")
+                       for e in n1.api("debug-rejects")["Outgoing"])
+
+        wait(reported, 1.0, "pendopen report")
+        assert time.monotonic() - t0 < 7.5
+
+
+def test_control_restart_keeps_addresses(tailnet: Tailnet) -> None:
+    n1, n2 = tailnet.agents["n1"], tailnet.agents["n2"]
+    before = {a.name: a.api("status")["Self"]["TailscaleIPs"] for a in (n1, n2)}
+    stop(tailnet.control)
+    wait(lambda: "control" in " ".join(n1.api("status").get("Health") or []), 10,
+         "n1 notices control is gone")
+    port = int(tailnet.url.rsplit(":", 1)[1])
+    tailnet.control = start_control(tailnet.dir, port)
+    wait(lambda: all("control" not in " ".join(a.api("status").get("Health") or [])
+                     for a in (n1, n2)), 20, "agents reconnect")
+    for a in (n1, n2):
+        assert a.api("status")["Self"]["TailscaleIPs"] == before[a.name]
+    deadline = time.monotonic() + 10
+    while ping(n1.ns, n2.ip4, 1).returncode != 0:
+        assert time.monotonic() < deadline
+
+
+def test_deleted_node_leaves_peers(tailnet: Tailnet) -> None:
+    n1 = tailnet.agents["n1"]
+    r = tailnet.ctl("delete", "n2")
+    assert r.returncode == 0, r.stderr
+    wait(lambda: "n2" not in peers_online(n1), 5, "n2 gone from n1's peers")
