@@ -7,6 +7,7 @@ Policy: A may reach B:8080, nothing may reach B:22.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import time
@@ -116,3 +117,41 @@ async def test_shields_up_reason() -> None:
         assert nb.reason == "shields"
         na = await a.wait_note(lambda n: n.direction == "outgoing", 2.0)
         assert na.reason == "shields"
+
+
+def _udp_probe(addr: str, port: int, n: int) -> str:
+    """Send ``n`` datagrams on a connected UDP socket, then see whether an ICMP error came."""
+    import socket
+
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.settimeout(2.0)
+        s.connect((addr, port))
+        for i in range(n):
+            try:
+                s.send(b"probe %d" % i)
+            except OSError as e:
+                return errno.errorcode.get(e.errno or 0, str(e.errno))
+        try:
+            s.recv(100)
+            return "answered"
+        except TimeoutError:
+            return "timeout"
+        except OSError as e:
+            return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
+@pytest.mark.parametrize("addrs", FAMILIES)
+async def test_blocked_udp_flow_rejected_once_and_observed(addrs: dict[str, str]) -> None:
+    async with pair(RULES_B) as (a, b):
+        outcome = await a.run(_udp_probe, addrs["b"], 5353, 5)
+        # The sender's kernel got our ICMP administratively-prohibited: the app sees the error
+        # Linux maps it to (EHOSTUNREACH for IPv4, EACCES for IPv6) instead of waiting.
+        assert outcome in ("EHOSTUNREACH", "EACCES"), outcome
+        nb = await b.wait_note(lambda n: n.direction == "incoming", 2.0)
+        assert (nb.proto, nb.reason, nb.source) == (17, "acl", "tsmp_sent")
+        na = await a.wait_note(lambda n: n.direction == "outgoing", 2.0)
+        assert (na.proto, na.reason, na.dst) == (17, "acl", ep(addrs, "b", 5353))
+        # Rate-limited: five datagrams of one flow within a second draw one reject.
+        assert b.wrapper.counters["tsmp_rejects_sent"] == 1
+        assert b.wrapper.drops_in["acl"] == 5

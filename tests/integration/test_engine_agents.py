@@ -9,13 +9,15 @@ import asyncio
 import hashlib
 import importlib.util
 import os
+import re
+import subprocess
 import time
 
 import pytest
 
 from tests.agentutil import localapi
 from tests.dataplane import connect, send_blob, sink_server
-from tests.netns import netns_available, tun_available
+from tests.netns import in_netns, netns_available, tun_available
 from tests.wgnet import TS4, TS6, run_in, two_agents, wait_ping
 
 _missing = netns_available() or tun_available()
@@ -97,3 +99,49 @@ def test_stopped_peer_reported_by_pendopen() -> None:
             (ev,) = [e for e in ra["Outgoing"] if e["Source"] == "pendopen_timeout"]
             assert ev["Reason"] in ("timeout", "peer-unreachable")
             assert ev["Dst"] == f"{TS4['b']}:8080"
+
+
+def _flood(ns: str, src: str, dst: tuple[str, int], msg: bytes, count: int) -> float:
+    """Send ``msg`` ``count`` times from ``src`` as fast as possible; return datagrams/s."""
+    import socket
+
+    with in_netns(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((src, 0))
+        t0 = time.perf_counter()
+        for _ in range(count):
+            try:
+                s.sendto(msg, dst)
+            except BlockingIOError:
+                pass
+        return count / (time.perf_counter() - t0)
+    finally:
+        s.close()
+
+
+def test_handshake_flood_gets_cookies_and_sessions_survive() -> None:
+    from nacl.public import PrivateKey
+
+    from nodeagent.engine.wireguard import PeerSpec, WireGuardCore
+    from nodeagent.keys import NODE_PREFIX, parse_public
+    from nodeagent.packet import build_udp, ip_to_int
+    from tests.wgnet import UNDERLAY, WG_PORT
+
+    with two_agents(RULES_A, RULES_B) as (a, b):
+        wait_ping(b.ns, TS4["a"])
+        # A well-formed initiation with a valid MAC1 for A, from a stranger at B's address.
+        attacker = WireGuardCore(bytes(PrivateKey.generate()))
+        victim = parse_public(a.public_key, NODE_PREFIX)
+        attacker.set_peers([PeerSpec(victim, endpoint=(UNDERLAY["a"], WG_PORT))])
+        pkt = build_udp(4, ip_to_int("100.64.0.9")[1], ip_to_int(TS4["a"])[1], 1, 2, b"x")
+        (_, initiation), = attacker.encrypt(victim, [pkt])
+        pinger = subprocess.Popen(["ip", "netns", "exec", b.ns, "ping", "-c", "20", "-i", "0.1",
+                                   "-W", "2", TS4["a"]], stdout=subprocess.PIPE, text=True)
+        rate = _flood(b.ns, UNDERLAY["b"], (UNDERLAY["a"], WG_PORT), initiation, 30000)
+        out, _ = pinger.communicate(timeout=30)
+        assert rate >= 10000, f"flood generator too slow: {rate:.0f}/s"
+        m = re.search(r"(\d+) received", out)
+        assert m and int(m.group(1)) >= 18, out  # the established session kept working
+        _, ma = asyncio.run(localapi(a.sock, "GET", "/localapi/v0/metrics"))
+        assert metric(ma, 'nodeagent_wireguard_dropped_total{reason="cookie_sent"}') > 0

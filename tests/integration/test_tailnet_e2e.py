@@ -125,7 +125,18 @@ def start_agent(t: Tailnet, a: Agent) -> None:
                                    os.path.join(a.dir, "state"), "--tun", "na0", "--hostname",
                                    a.name, "--login-server", t.url, "--auth-key", t.key],
                             stdout=logf, stderr=subprocess.STDOUT)
-    wait(lambda: os.path.exists(a.sock), 20, f"{a.name} socket")
+    wait(lambda: _answers(a.sock), 20, f"{a.name} LocalAPI")
+
+
+def _answers(sock: str) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(sock)  # a stale file from a killed agent refuses; a live one accepts
+            return True
+        except OSError:
+            return False
 
 
 def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> None:
@@ -285,6 +296,38 @@ def test_stopped_agent_reported_and_marked_offline(tailnet: Tailnet) -> None:
 
         wait(reported, 1.0, "pendopen report")
         assert time.monotonic() - t0 < 7.5
+
+
+def test_bad_auth_key_is_one_clear_line(tailnet: Tailnet) -> None:
+    n3 = tailnet.agents["n3"]  # stopped by the previous test: its namespace is free
+    d = public_tempdir("na-badkey-")
+    try:
+        r = subprocess.run(["ip", "netns", "exec", n3.ns, *nodeagent_cmd(), "up", "--socket",
+                            os.path.join(d, "s.sock"), "--state-dir", os.path.join(d, "st"),
+                            "--tun", "na9", "--login-server", tailnet.url, "--auth-key",
+                            "nakey-not-a-real-key"], capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["rm", "-rf", d], check=False)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("nodeagent: ")]
+    assert len(errors) == 1 and "auth key" in errors[0].lower(), r.stderr
+    r = tailnet.ctl("nodes", "--json")
+    assert len(json.loads(r.stdout)) == 3  # nothing registered
+
+
+def test_agent_restart_keeps_identity_and_address(tailnet: Tailnet) -> None:
+    n1, n3 = tailnet.agents["n1"], tailnet.agents["n3"]
+    old_ip = n3.ip4
+    start_agent(tailnet, n3)
+    wait(lambda: n3.api("status")["BackendState"] == "Running", 20, "n3 running again")
+    st = n3.api("status")
+    assert st["Self"]["TailscaleIPs"][0] == old_ip
+    r = tailnet.ctl("nodes", "--json")
+    assert [n["HostName"] for n in json.loads(r.stdout)].count("n3") == 1
+    deadline = time.monotonic() + 15
+    while ping(n1.ns, n3.ip4, 1).returncode != 0:
+        assert time.monotonic() < deadline, "n1 cannot reach the restarted n3"
 
 
 def test_control_restart_keeps_addresses(tailnet: Tailnet) -> None:
