@@ -12,6 +12,7 @@ agents going offline.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -286,16 +287,29 @@ def test_stopped_agent_reported_and_marked_offline(tailnet: Tailnet) -> None:
 
     wait(n3_offline, 10, "n3 offline at control")
     t0 = time.monotonic()
-    outcome, _ = run_in(n1.ns, connect, n3.ip4, 7000, 6.5)
-    assert outcome == "timeout"
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    fut = pool.submit(run_in, n1.ns, connect, n3.ip4, 7000, 6.5)
     if HAS_CONNREJECT:
         def reported() -> bool:
             return any(e["Source"] == "pendopen_timeout" and e["Dst"] == f"{n3.ip4}:7000"
                        and e["Reason"] in ("peer-unreachable", "timeout")
                        for e in n1.api("debug-rejects")["Outgoing"])
 
-        wait(reported, 1.0, "pendopen report")
-        assert time.monotonic() - t0 < 7.5
+        wait(reported, 6.0, "pendopen report within 6 s")
+        assert time.monotonic() - t0 < 6.0
+    assert fut.result(timeout=15)[0] == "timeout"
+    pool.shutdown()
+
+
+def test_c2n_debug_rejects_answers_or_names_the_feature(tailnet: Tailnet) -> None:
+    r = tailnet.ctl("c2n", "n1", "GET", "/debug/rejects")
+    assert r.returncode == 0, r.stderr
+    status_line, body = r.stdout.split("\n", 1)
+    if HAS_CONNREJECT:
+        assert status_line == "status 200" and "Enabled" in json.loads(body)
+    else:
+        assert status_line == "status 404"
+        assert "connreject" in body and "pip install" in body
 
 
 def test_bad_auth_key_is_one_clear_line(tailnet: Tailnet) -> None:
