@@ -201,7 +201,9 @@ def parse_binding_request(data: bytes, *, strict: bool = False,
         return KIND_RFC3489, bytes(data[4:HEADER_LEN])
     if mtype != BINDING_REQUEST:
         return DROP_NOT_BINDING, _NO_TXID
-    if mlen % 4 or HEADER_LEN + mlen > n:
+    if mlen % 4 or HEADER_LEN + mlen != n:
+        # Over UDP a message is exactly one datagram: a length that disagrees is corruption
+        # (and would let a damaged header hide the FINGERPRINT that protects the rest).
         return DROP_MALFORMED, _NO_TXID
     reason, tailnode, has_fp = _walk_request_attrs(data, HEADER_LEN + mlen)
     if reason is not None:
