@@ -221,7 +221,7 @@ async def test_oversize_frame_closes_only_that_client(make: Any) -> None:
 
 @pytest.mark.asyncio
 async def test_slow_receiver_drops_without_stalling_others(make: Any) -> None:
-    h = await make(send_queue_depth=8)
+    h = await make(send_queue_depth=8, write_timeout=0)  # 0: the stalled reader stays
     flood, slow = await h.client(), await h.client()
     p, q = await h.client(), await h.client()
     # `slow` never reads: its socket buffers fill, then the relay queues and drops.
@@ -237,6 +237,23 @@ async def test_slow_receiver_drops_without_stalling_others(make: Any) -> None:
     got = [(await next_event(q, ReceivedPacket)).data for _ in range(50)]
     assert got == [i.to_bytes(4, "big") for i in range(50)]
     assert h.server.stats()["packets_dropped"].get("queue_head/other", 0) > 0
+
+
+@pytest.mark.asyncio
+async def test_reader_that_stops_is_closed_after_write_timeout(make: Any) -> None:
+    h = await make(send_queue_depth=8, write_timeout=0.3)
+    flood, stuck, idle = await h.client(), await h.client(), await h.client()
+    pkt = os.urandom(1400)
+    for i in range(6000):  # `stuck` never reads: its writes pause and stay paused
+        flood.send_nowait(stuck.public_key, pkt)
+        if i % 100 == 0:
+            await asyncio.wait_for(flood.drain(), 5)
+    await until(lambda: h.server.stats()["closed"].get("write_timeout") == 1)
+    assert stuck.public_key not in h.server.conns
+    # A client with nothing pending is not affected, and relaying goes on.
+    await flood.send(idle.public_key, b"still here")
+    assert (await next_event(idle, ReceivedPacket)).data == b"still here"
+    assert h.server.stats()["closed"].get("write_timeout") == 1
 
 
 @pytest.mark.asyncio

@@ -31,9 +31,7 @@ from tests.netns import call_in_netns, make_netns, popen_in_netns, run_in_netns,
 
 pytestmark = pytest.mark.feature("derper")
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    ["/work/main", "/work/main/features/derper", os.environ.get("PYTHONPATH", "")]),
-    "NO_PROXY": "*"}
+ENV = {**os.environ, "NO_PROXY": "*"}  # the installed nodeagent_derper, never a checkout path
 
 
 def _pebble_listener_cert(tmp: Path) -> Path:

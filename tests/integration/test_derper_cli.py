@@ -25,9 +25,7 @@ from tests.netns import make_netns, popen_in_netns, run_in_netns, skip_unless_ne
 
 pytestmark = pytest.mark.feature("derper")
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    ["/work/main", "/work/main/features/derper", os.environ.get("PYTHONPATH", "")]),
-    "NO_PROXY": "*"}
+ENV = {**os.environ, "NO_PROXY": "*"}  # the installed nodeagent_derper, never a checkout path
 DERPER = [sys.executable, "-m", "nodeagent_derper.cli"]
 
 
@@ -86,6 +84,8 @@ def test_bad_flags_are_one_line_usage_errors(tmp_path: Path) -> None:
     assert_one_line_error(run_derper("--certmode", "gcp"), 2, "certmode")
     assert_one_line_error(run_derper("--dev", "--verify-clients"), 2, "not supported yet")
     assert_one_line_error(run_derper("--dev", "--home", "ftp://x"), 2, "--home")
+    assert_one_line_error(run_derper("--dev", "--tcp-write-timeout", "2 fortnights"), 2,
+                          "invalid duration")
 
 
 def test_runtime_errors_are_one_line(tmp_path: Path) -> None:
@@ -126,6 +126,9 @@ def test_go_style_flags_and_tls_rule() -> None:
                                 "--http-port=-1", "-derp"], p))
     assert (ns.hostname, ns.stun, ns.addr, ns.http_port, ns.derp) == \
         ("x.test", False, ":8443", -1, True)
+    assert ns.tcp_write_timeout == 2.0
+    for text, secs in (("0", 0.0), ("500ms", 0.5), ("1m30s", 90.0), ("1.5", 1.5)):
+        assert p.parse_args(go_style([f"-tcp-write-timeout={text}"], p)).tcp_write_timeout == secs
     assert split_hostport("[::1]:3340") == ("::1", 3340)
     assert split_hostport(":https") == ("", 443)
     k = b"\x01" * 32

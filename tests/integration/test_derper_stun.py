@@ -26,8 +26,7 @@ from nodeagent.stun.client import StunTimeout, stun_query
 
 pytestmark = pytest.mark.feature("derper")
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    ["/work/main", "/work/main/features/derper", os.environ.get("PYTHONPATH", "")])}
+ENV = dict(os.environ)  # the installed nodeagent_derper, never a checkout path
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:

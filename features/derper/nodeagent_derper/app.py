@@ -28,6 +28,7 @@ from nodeagent_derper.acme_manager import LETSENCRYPT_DIRECTORY, AcmeManager
 from nodeagent_derper.certs import CertError, CertStore, ensure_self_signed_for_ip, is_ip
 from nodeagent_derper.debug import DebugHandlers
 from nodeagent_derper.metrics import DerperMetrics
+from nodeagent_derper.server import DEFAULT_WRITE_TIMEOUT
 from nodeagent_derper.stun_server import start_stun
 
 log = logging.getLogger("derper")
@@ -62,6 +63,7 @@ class DerperOptions:
     mesh_key: str | None = None  # 64 lowercase hex digits
     rate_limit_bytes_per_sec: int | None = None
     rate_limit_burst: int | None = None
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT  # seconds; 0 disables
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -188,7 +190,8 @@ class Derper:
             o = self.opts
             self._derp = DerpServer(o.private_key, mesh_key=o.mesh_key,
                                     rate_limit_bytes_per_sec=o.rate_limit_bytes_per_sec,
-                                    rate_limit_burst=o.rate_limit_burst, registry=self.registry)
+                                    rate_limit_burst=o.rate_limit_burst,
+                                    write_timeout=o.write_timeout, registry=self.registry)
         return self._derp
 
     def info(self) -> dict[str, Any]:

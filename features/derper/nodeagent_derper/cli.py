@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from typing import NoReturn
@@ -31,6 +32,7 @@ from nodeagent_derper.app import (
     default_certdir,
     split_hostport,
 )
+from nodeagent_derper.server import DEFAULT_WRITE_TIMEOUT
 
 PROG = "derper"
 DEFAULT_CONFIG = "/var/lib/derper/derper.key"
@@ -54,6 +56,31 @@ def parse_bool(v: str) -> bool:
     if low in ("0", "f", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"invalid boolean value {v!r}")
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                   "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(v: str) -> float:
+    """Seconds from a Go duration (``2s``, ``1m30s``, ``500ms``, ``0``) or a plain number of
+    seconds."""
+    text = v.strip()
+    try:
+        secs = float(text)
+    except ValueError:
+        pos, secs = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            secs += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(text) or not text:
+            raise argparse.ArgumentTypeError(f"invalid duration {v!r} (e.g. 2s, 500ms)") from None
+    if not secs >= 0 or secs == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {v!r}: must be ≥ 0 and finite")
+    return secs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
          '"PerClientRateBurstBytes": N}: per-client receive rate limit')
     boolean("verify-clients", False, "admit only clients known to the local nodeagent "
             "(not supported yet)")
+    flag("tcp-write-timeout", type=parse_duration, default=DEFAULT_WRITE_TIMEOUT,
+         metavar="DURATION", help="close a client whose writes make no progress for this long "
+         "(default 2s; 0 disables)")
     flag("mesh-psk-file", default="", help="file holding the mesh key (64 hex digits)")
     p.add_argument("-c", "--config", default="", help="private key file (JSON, created 0600 "
                    f"if missing; default {DEFAULT_CONFIG} when root)")
@@ -221,7 +251,8 @@ def options_from_args(ns: argparse.Namespace) -> DerperOptions:
         acme_directory=ns.acme_directory, acme_email=ns.acme_email,
         accept_connection_limit=ns.accept_connection_limit,
         accept_connection_burst=ns.accept_connection_burst, mesh_key=mesh,
-        rate_limit_bytes_per_sec=rate, rate_limit_burst=burst)
+        rate_limit_bytes_per_sec=rate, rate_limit_burst=burst,
+        write_timeout=ns.tcp_write_timeout)
 
 
 async def serve(opts: DerperOptions) -> None:

@@ -30,6 +30,7 @@ from nodeagent_derper.server_ws import WsConn
 DUP_HEALTH = "another connection is using this node key; the most recent sender gets packets"
 RESTART_RECONNECT_MS = 1000
 RESTART_TRY_FOR_MS = 60000
+DEFAULT_WRITE_TIMEOUT = 2.0  # as Tailscale's derper (--tcp-write-timeout)
 DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "gone_disconnected", "queue_head",
                 "queue_tail", "write_error", "dup_client")
 
@@ -44,6 +45,7 @@ class DerpServer:
                  rate_limit_bytes_per_sec: float | None = None,
                  rate_limit_burst: int | None = None, handshake_timeout: float = 10.0,
                  keepalive_interval: float = F.KEEPALIVE_INTERVAL,
+                 write_timeout: float = DEFAULT_WRITE_TIMEOUT,
                  registry: Any = None) -> None:
         self.private_key = bytes(private_key)
         self.public_key = bytes(PrivateKey(self.private_key).public_key)
@@ -57,6 +59,8 @@ class DerpServer:
         self.rate_burst = max(burst, F.MAX_PACKET_SIZE + 32) if self.rate else 0
         self.handshake_timeout = handshake_timeout
         self.keepalive_interval = keepalive_interval
+        # Seconds a connection's writes may stay paused before it is closed; 0 disables.
+        self.write_timeout = write_timeout
         self.server_key_frame = F.encode_server_key(self.public_key)
         self.server_info: dict[str, Any] = {"version": F.PROTOCOL_VERSION}
         if self.rate:

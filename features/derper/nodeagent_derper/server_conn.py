@@ -5,7 +5,9 @@ for the raw TCP variant): bytes in → :class:`FrameReader` → dispatch → fra
 destination's outgoing list, which the server flushes once per read pass (one write per
 destination per pass). While a destination's transport is paused (its socket buffer is full) its
 packets go to bounded per-kind queues instead, dropping the oldest — a slow receiver never
-stalls the sender or anyone else.
+stalls the sender or anyone else. A connection whose writes stay paused longer than the server's
+write timeout (Tailscale's derper: 2 s per write) is closed: a peer that stopped reading must not
+hold its memory and its place in the registry forever.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Conn:
         "out", "q_ctrl", "q_disco", "q_other", "write_paused", "read_paused", "deferred",
         "sent_to", "dups", "tokens", "tok_last", "timer", "done", "dirty", "watcher",
         "ng_tokens", "ng_last", "remote", "not_ideal", "connected_at", "pong_queued",
-        "verify_task", "__weakref__",
+        "verify_task", "wtimer", "__weakref__",
     )
 
     def __init__(self, srv: DerpServer, remote: tuple[Any, ...] | None, not_ideal: bool) -> None:
@@ -79,6 +81,7 @@ class Conn:
         self.connected_at = self.loop.time()
         self.pong_queued = False
         self.verify_task: asyncio.Task[None] | None = None
+        self.wtimer: asyncio.TimerHandle | None = None
 
     # --- transport hooks (subclasses) ---------------------------------------------------------
 
@@ -133,6 +136,9 @@ class Conn:
             self.timer = None
         if self.verify_task is not None:
             self.verify_task.cancel()
+        if self.wtimer is not None:
+            self.wtimer.cancel()
+            self.wtimer = None
         if self.logged_in:
             srv.unregister(self)
         srv.live.discard(self)
@@ -396,9 +402,20 @@ class Conn:
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        wt = self.srv.write_timeout
+        if wt and self.wtimer is None and not self.closed:
+            self.wtimer = self.loop.call_later(wt, self._write_stalled)
+
+    def _write_stalled(self) -> None:
+        self.wtimer = None
+        if self.write_paused:
+            self.close("write_timeout", abort=True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.wtimer is not None:
+            self.wtimer.cancel()
+            self.wtimer = None
         if self.closed:
             return
         srv = self.srv
