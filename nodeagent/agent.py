@@ -1,4 +1,8 @@
-"""Running the agent: build the LocalBackend, serve the LocalAPI, stop cleanly on a signal."""
+"""Running the agent: build the LocalBackend, serve the LocalAPI, stop cleanly on a signal.
+
+SIGHUP re-reads ``--netmap-file``; a file that does not load is refused with one error line and
+the running netmap stays.
+"""
 
 from __future__ import annotations
 
@@ -81,6 +85,20 @@ class Agent:
         if self.dataplane is not None:
             self.dataplane.apply_netmap(nm)
 
+    def reload_netmap_file(self) -> bool:
+        """Re-read ``--netmap-file`` and apply it; False (and one error line) if it is bad."""
+        path = self.opts.netmap_file
+        if not path:
+            return False
+        try:
+            nm = load_netmap_file(path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running netmap: %s", e)
+            return False
+        self.apply_netmap(nm)
+        log.info("netmap file %s reloaded: %d peers", path, len(nm.Peers))
+        return True
+
     async def stop(self) -> None:
         if self.control is not None:
             await self.control.stop()
@@ -98,9 +116,11 @@ class ConfigError(Exception):
 
 
 def load_netmap_file(path: str) -> Any:
-    """A netmap in the tailcfg JSON shape (SelfNode, Peers, PacketFilter, DERPMap)."""
+    """A netmap in the tailcfg JSON shape (SelfNode, Peers, PacketFilter, DERPMap), its packet
+    filter checked as well."""
     import json
 
+    from nodeagent.filter import FilterRuleError, parse_rules
     from nodeagent.tailcfg import WireError, netmap_from_wire
 
     try:
@@ -111,9 +131,11 @@ def load_netmap_file(path: str) -> Any:
     except ValueError as e:
         raise ConfigError(f"netmap file {path}: not JSON: {e}") from None
     try:
-        return netmap_from_wire(data)
-    except WireError as e:
+        nm = netmap_from_wire(data)
+        parse_rules(nm.PacketFilter or [])
+    except (WireError, FilterRuleError) as e:
         raise ConfigError(f"netmap file {path}: {e}") from None
+    return nm
 
 
 async def run_agent(opts: AgentOptions) -> int:
@@ -123,11 +145,13 @@ async def run_agent(opts: AgentOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if opts.netmap_file:
+        loop.add_signal_handler(signal.SIGHUP, agent.reload_netmap_file)
     try:
         await stop.wait()
         log.info("nodeagent: shutting down")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await agent.stop()
     return 0

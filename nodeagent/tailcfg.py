@@ -166,6 +166,13 @@ def derpmap_from_wire(data: Any, where: str = "DERPMap") -> DERPMap:
     return DERPMap(Regions=regions)
 
 
+def _user_id(k: Any) -> int:
+    try:
+        return int(k)
+    except (TypeError, ValueError):
+        raise WireError(f"netmap.UserProfiles: key {k!r} is not a user ID") from None
+
+
 def netmap_from_wire(data: Any) -> NetworkMap:
     if not isinstance(data, dict):
         raise WireError("netmap: expected an object")
@@ -185,7 +192,7 @@ def netmap_from_wire(data: Any) -> NetworkMap:
     if not isinstance(ups, dict):
         raise WireError("netmap.UserProfiles: expected an object")
     nm.UserProfiles = {
-        int(k): _from(UserProfile, v, f"netmap.UserProfiles[{k}]") for k, v in ups.items()
+        _user_id(k): _from(UserProfile, v, f"netmap.UserProfiles[{k}]") for k, v in ups.items()
     }
     nm.Domain = str(data.get("Domain") or "")
     return nm

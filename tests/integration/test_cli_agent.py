@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import time
+from typing import Any
 
 import pytest
 
-from tests.agentutil import agent_process, public_tempdir, run_cli, state_file
+from tests.agentutil import (
+    agent_process,
+    nodeagent_cmd,
+    public_tempdir,
+    run_cli,
+    state_file,
+    wait_for_socket,
+)
 from tests.conftest import feature_installed
+from tests.netns import make_netns, popen_in_netns, skip_unless_netns
 
 
 def test_up_status_and_clean_shutdown() -> None:
@@ -71,3 +82,74 @@ def test_version_and_features() -> None:
 def test_debug_rejects_cli_names_install_command() -> None:
     r = run_cli("debug", "rejects")
     assert r.returncode == 1 and "pip install 'nodeagent[connreject]'" in r.stderr
+
+
+def _peer(n: int) -> dict[str, object]:
+    from nacl.public import PrivateKey
+
+    key = bytes(PrivateKey.generate().public_key).hex()
+    return {"Key": f"nodekey:{key}", "HostName": f"peer{n}",
+            "Addresses": [f"100.64.0.{n}/32"], "AllowedIPs": [f"100.64.0.{n}/32"]}
+
+
+def test_sighup_reloads_netmap_file_and_refuses_a_bad_one() -> None:
+    skip_unless_netns(tun=True)
+    d = public_tempdir()
+    sock = os.path.join(d, "na.sock")
+    nm_path = os.path.join(d, "netmap.json")
+    nm: dict[str, Any] = {"SelfNode": {"Addresses": ["100.64.0.1/32"]}, "Peers": [_peer(2)]}
+
+    def write(obj: dict[str, Any]) -> None:
+        with open(nm_path + ".next", "w") as f:
+            json.dump(obj, f)
+        os.replace(nm_path + ".next", nm_path)
+
+    def peer_names() -> set[str]:
+        st = json.loads(run_cli("status", "--json", "--socket", sock).stdout)
+        return {p["HostName"] for p in (st.get("Peer") or {}).values()}
+
+    def wait_names(want: set[str]) -> None:
+        deadline = time.monotonic() + 10
+        while (got := peer_names()) != want:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.05)
+
+    def wait_log(needle: str) -> None:
+        deadline = time.monotonic() + 10
+        while needle not in open(log_path).read():
+            assert time.monotonic() < deadline and proc.poll() is None, open(log_path).read()
+            time.sleep(0.05)
+
+    write(nm)
+    log_path = os.path.join(d, "agent.log")
+    argv = [*nodeagent_cmd(), "up", "--socket", sock, "--state-dir", os.path.join(d, "st"),
+            "--tun", "na0", "--port", "0", "--netmap-file", nm_path]
+    with make_netns("nhup") as ns:
+        with open(log_path, "w") as logf:
+            proc = popen_in_netns(ns, argv, stdout=subprocess.DEVNULL, stderr=logf)
+        try:
+            wait_for_socket(sock, proc)
+            wait_names({"peer2"})
+            nm["Peers"] = [_peer(2), _peer(3)]
+            write(nm)
+            proc.send_signal(signal.SIGHUP)
+            wait_names({"peer2", "peer3"})
+            # A bad filter rule: refused with one line, the running netmap stays.
+            write({**nm, "PacketFilter": [{"SrcIPs": ["not-an-ip"], "DstPorts": []}]})
+            proc.send_signal(signal.SIGHUP)
+            wait_log("reload refused")
+            # The next good reload shows the bad one neither applied nor stopped anything.
+            nm["Peers"] = [_peer(4)]
+            write(nm)
+            proc.send_signal(signal.SIGHUP)
+            wait_names({"peer4"})
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            err = open(log_path).read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    refused = [ln for ln in err.splitlines() if "reload refused" in ln]
+    assert len(refused) == 1 and "not-an-ip" in refused[0] and nm_path in refused[0], err
+    assert "Traceback" not in err

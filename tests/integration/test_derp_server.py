@@ -244,11 +244,16 @@ async def test_reader_that_stops_is_closed_after_write_timeout(make: Any) -> Non
     h = await make(send_queue_depth=8, write_timeout=0.3)
     flood, stuck, idle = await h.client(), await h.client(), await h.client()
     pkt = os.urandom(1400)
-    for i in range(6000):  # `stuck` never reads: its writes pause and stay paused
-        flood.send_nowait(stuck.public_key, pkt)
-        if i % 100 == 0:
-            await asyncio.wait_for(flood.drain(), 5)
-    await until(lambda: h.server.stats()["closed"].get("write_timeout") == 1)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    # `stuck` never reads. Keep sending until its socket buffers (sized by the kernel's
+    # autotuning, several MB on loopback) are full and its writes stay paused past the timeout.
+    while not h.server.stats()["closed"].get("write_timeout"):
+        assert loop.time() < deadline, h.server.stats()["closed"]
+        for _ in range(100):
+            flood.send_nowait(stuck.public_key, pkt)
+        await asyncio.wait_for(flood.drain(), 5)
+        await asyncio.sleep(0.005)
     assert stuck.public_key not in h.server.conns
     # A client with nothing pending is not affected, and relaying goes on.
     await flood.send(idle.public_key, b"still here")

@@ -121,3 +121,18 @@ def _has_bad_float(o: Any, math: Any) -> bool:
     if isinstance(o, dict):
         return any(_has_bad_float(x, math) for x in o.values())
     return False
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(_shaped)
+def test_netmap_file_shapes_raise_only_wire_or_filter_errors(obj: Any) -> None:
+    # What `--netmap-file` checks before applying: the tailcfg shape, then the packet filter.
+    from nodeagent.filter import FilterRuleError, parse_rules
+    from nodeagent.tailcfg import WireError, netmap_from_wire
+
+    for candidate in (obj, {"SelfNode": obj, "Peers": [obj], "PacketFilter": [obj],
+                            "UserProfiles": obj}):
+        try:
+            parse_rules(netmap_from_wire(candidate).PacketFilter or [])
+        except (WireError, FilterRuleError):
+            pass
