@@ -1,8 +1,9 @@
 """Benchmark: TCP throughput and ping RTT through two nodeagent engines vs two wireguard-go.
 
 Builds two network namespaces joined by a veth (198.18.1.0/24), then — in the same run, on the
-same topology — runs iperf3 (TCP, one stream) and ping through (1) two ``nodeagent up`` agents
-and (2) two wireguard-go instances (Debian package), and prints both and the ratio.
+same topology — runs iperf3 (TCP, one stream) and ping through (1) two ``nodeagent up`` agents,
+(2) the same with UDP GSO/GRO switched off (``NODEAGENT_UDP_OFFLOAD=0``) and (3) two wireguard-go
+instances (Debian package), and prints all three and the ratios.
 
 Run as root: ``python3 benchmarks/engine_throughput.py [--seconds 5]``.
 Needs: iperf3, wireguard-go, wireguard-tools, ping.
@@ -67,10 +68,18 @@ def rtt(ns: str, addr: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def run_nodeagent(seconds: int) -> tuple[float, float]:
-    with two_agents(ALLOW_ALL, ALLOW_ALL) as (a, b):
-        wait_ping(a.ns, TS4["b"])
-        return iperf(b.ns, a.ns, TS4["b"], seconds), rtt(a.ns, TS4["b"])
+def run_nodeagent(seconds: int, *, udp_offload: bool = True) -> tuple[float, float]:
+    saved = os.environ.get("NODEAGENT_UDP_OFFLOAD")
+    os.environ["NODEAGENT_UDP_OFFLOAD"] = "1" if udp_offload else "0"  # the agents inherit it
+    try:
+        with two_agents(ALLOW_ALL, ALLOW_ALL) as (a, b):
+            wait_ping(a.ns, TS4["b"])
+            return iperf(b.ns, a.ns, TS4["b"], seconds), rtt(a.ns, TS4["b"])
+    finally:
+        if saved is None:
+            os.environ.pop("NODEAGENT_UDP_OFFLOAD", None)
+        else:
+            os.environ["NODEAGENT_UDP_OFFLOAD"] = saved
 
 
 def run_wireguard_go(seconds: int) -> tuple[float, float]:
@@ -93,11 +102,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5)
     args = ap.parse_args()
     na_tput, na_rtt = run_nodeagent(args.seconds)
+    plain_tput, plain_rtt = run_nodeagent(args.seconds, udp_offload=False)
     wg_tput, wg_rtt = run_wireguard_go(args.seconds)
-    print(f"nodeagent    TCP {na_tput:8.1f} Mbit/s   ping RTT {na_rtt:.3f} ms")
-    print(f"wireguard-go TCP {wg_tput:8.1f} Mbit/s   ping RTT {wg_rtt:.3f} ms")
+    print(f"nodeagent               TCP {na_tput:8.1f} Mbit/s   ping RTT {na_rtt:.3f} ms")
+    print(f"nodeagent (no GSO/GRO)  TCP {plain_tput:8.1f} Mbit/s   ping RTT {plain_rtt:.3f} ms")
+    print(f"wireguard-go            TCP {wg_tput:8.1f} Mbit/s   ping RTT {wg_rtt:.3f} ms")
     print(f"ratio nodeagent/wireguard-go: throughput {na_tput / wg_tput:.2f}x, "
           f"RTT {na_rtt / wg_rtt:.2f}x")
+    print(f"ratio UDP GSO/GRO on/off: throughput {na_tput / plain_tput:.2f}x")
     return 0
 
 

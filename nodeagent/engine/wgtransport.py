@@ -3,14 +3,14 @@
 One non-blocking UDP socket per node (IPv6 dual-stack when the host has IPv6, so IPv4 peers
 appear as v4-mapped addresses; IPv4-only otherwise). Reads are drained in batches from the event
 loop's reader callback and the decrypted packets of one batch go to the engine together; sends
-go straight to the socket (a full socket buffer drops and counts, as UDP would). A timer drives
-the protocol's timers (handshake retries, keepalives, rekeys, expiry).
+go straight to the socket (a full socket buffer drops and counts, as UDP would). Where the kernel
+offers them, UDP GSO and GRO (``udpbatch``) cut the syscalls per datagram. A timer drives the
+protocol's timers (handshake retries, keepalives, rekeys, expiry).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import socket
@@ -19,6 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 from nodeagent.engine.core import PeerConfig, PeerState
+from nodeagent.engine.udpbatch import (
+    GRO_CMSG_SPACE,
+    UdpOffload,
+    gro_segment_size,
+    gso_groups,
+    split_gro,
+)
 from nodeagent.engine.wireguard import PeerSpec, WGConfig, WireGuardCore
 from nodeagent.keys import NODE_PREFIX, parse_public
 
@@ -34,11 +41,13 @@ Deliver = Callable[[str, list[bytes]], None]  # (peer key text, plaintext packet
 
 class WireGuardTransport:
     def __init__(self, private_key: bytes, *, port: int = 41641, bind: str = "",
-                 config: WGConfig | None = None) -> None:
+                 config: WGConfig | None = None, udp_offload: bool | None = None) -> None:
         self.core = WireGuardCore(private_key, config=config or WGConfig())
         self.requested_port = port
         self.bind = bind
         self.sock: socket.socket | None = None
+        self._udp_offload = udp_offload  # None: the NODEAGENT_UDP_OFFLOAD environment decides
+        self.offload: UdpOffload | None = None
         self._v6 = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._deliver: Deliver | None = None
@@ -53,11 +62,14 @@ class WireGuardTransport:
         self.loop = loop
         self._deliver = deliver
         self.sock = self._open_socket()
+        self.offload = UdpOffload(self.sock, enabled=self._udp_offload)
         loop.add_reader(self.sock.fileno(), self._readable)
         self._timer = loop.call_later(TICK_INTERVAL, self._tick)
 
     def _open_socket(self) -> socket.socket:
         try:
+            if self.bind and ":" not in self.bind:
+                raise OSError("an IPv4 bind address takes an IPv4 socket")
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             self._v6 = True
@@ -132,59 +144,71 @@ class WireGuardTransport:
         self._sendto(self.core.encrypt(raw, pkts))
 
     def _sendto(self, out: list[tuple[Any, bytes]]) -> None:
-        sock = self.sock
-        if sock is None:
+        sock, offload = self.sock, self.offload
+        if sock is None or offload is None:
             return
+        counters = self.counters
         sent = 0
-        for ep, data in out:
+        for ep, segs in gso_groups(out):
             if ep is None:
-                self.counters["no_endpoint"] += 1
+                counters["no_endpoint"] += len(segs)
                 continue
-            try:
-                sock.sendto(data, ep)
-                sent += 1
-            except OSError as e:
-                self.counters["send_errors"] += 1
-                if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ENETUNREACH,
-                                   errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.EPERM,
-                                   errno.EINVAL, errno.EAFNOSUPPORT):
-                    log.warning("UDP send to %s: %s", ep, e)
-        self.counters["tx_datagrams"] += sent
+            failed, loud = offload.send(sock, ep, segs)
+            sent += len(segs) - failed
+            if failed:
+                counters["send_errors"] += failed
+                if loud is not None:
+                    log.warning("UDP send to %s: %s", ep, loud)
+        counters["tx_datagrams"] += sent
 
     def _readable(self) -> None:
-        sock = self.sock
-        if sock is None:
+        sock, offload = self.sock, self.offload
+        if sock is None or offload is None:
             return
-        core = self.core
+        gro = offload.gro
         to_send: list[tuple[Any, bytes]] = []
-        by_peer: dict[bytes, list[bytes]] = {}
-        n = 0
+        plain: list[tuple[bytes, bytes]] = []
+        receive_into = self.core.receive_into
+        n = gro_buffers = 0
         for _ in range(READ_BATCH):
             try:
-                data, src = sock.recvfrom(RECV_SIZE)
+                if gro:
+                    data, anc, _flags, src = sock.recvmsg(RECV_SIZE, GRO_CMSG_SPACE)
+                    seg = gro_segment_size(anc) if anc else 0
+                    if 0 < seg < len(data):
+                        # One buffer holding a run of datagrams from one source.
+                        gro_buffers += 1
+                        ep = src[:2]
+                        for d in split_gro(data, seg):
+                            receive_into(d, ep, to_send, plain)
+                            n += 1
+                        continue
+                else:
+                    data, src = sock.recvfrom(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break  # ICMP errors surface here on Linux; nothing to do with them
             n += 1
-            res = core.receive(data, src[:2])
-            if res.to_send:
-                to_send.extend(res.to_send)
-            for key, pkt in res.plaintexts:
-                lst = by_peer.get(key)
-                if lst is None:
-                    by_peer[key] = [pkt]
-                else:
-                    lst.append(pkt)
+            receive_into(data, src[:2], to_send, plain)
         self.counters["rx_datagrams"] += n
+        offload.counters["gro_buffers"] += gro_buffers
         if to_send:
             self._sendto(to_send)
         deliver = self._deliver
-        if deliver is not None:
-            for key, pkts in by_peer.items():
-                name = self._names.get(key)
-                if name is not None and pkts:
-                    deliver(name, pkts)
+        if deliver is None or not plain:
+            return
+        by_peer: dict[bytes, list[bytes]] = {}
+        for key, pkt in plain:
+            lst = by_peer.get(key)
+            if lst is None:
+                by_peer[key] = [pkt]
+            else:
+                lst.append(pkt)
+        for key, pkts in by_peer.items():
+            name = self._names.get(key)
+            if name is not None:
+                deliver(name, pkts)
 
     def _tick(self) -> None:
         self._timer = None
@@ -227,6 +251,23 @@ class WireGuardTransport:
             ("nodeagent_wireguard_send_errors_total", "UDP sends that failed", {},
              self.counters["send_errors"]),
         ]
+        off = self.offload
+        if off is not None:
+            s += [
+                ("nodeagent_wireguard_udp_gso_sends_total",
+                 "sendmsg calls that carried several datagrams (UDP GSO)", {},
+                 off.counters["gso_sends"]),
+                ("nodeagent_wireguard_udp_gso_fallbacks_total",
+                 "UDP GSO sends the kernel refused, resent one datagram at a time", {},
+                 off.counters["gso_fallbacks"]),
+                ("nodeagent_wireguard_udp_gro_buffers_total",
+                 "received buffers that held several datagrams (UDP GRO)", {},
+                 off.counters["gro_buffers"]),
+                ("nodeagent_wireguard_udp_offload", "UDP offloads in use (1) or not (0)",
+                 {"kind": "gso"}, float(off.gso)),
+                ("nodeagent_wireguard_udp_offload", "UDP offloads in use (1) or not (0)",
+                 {"kind": "gro"}, float(off.gro)),
+            ]
         for reason, n in sorted(self.core.drops.items()):
             s.append(("nodeagent_wireguard_dropped_total",
                       "WireGuard messages dropped, by reason", {"reason": reason}, n))

@@ -62,6 +62,12 @@ def test_ping_transfer_and_acl_over_wireguard() -> None:
         assert st == 200 and metric(mb, "nodeagent_tsmp_rejects_sent_total") >= 6
         st, ma = asyncio.run(localapi(a.sock, "GET", "/localapi/v0/metrics"))
         assert metric(ma, "nodeagent_fast_failures_total") >= 6
+        # The 10 MB went out in UDP GSO bursts and arrived in GRO buffers (where the kernel
+        # offers them: the gauges say whether it did).
+        if metric(ma, 'nodeagent_wireguard_udp_offload{kind="gso"}') == 1:
+            assert metric(ma, "nodeagent_wireguard_udp_gso_sends_total") > 0
+        if metric(mb, 'nodeagent_wireguard_udp_offload{kind="gro"}') == 1:
+            assert metric(mb, "nodeagent_wireguard_udp_gro_buffers_total") > 0
 
         st, status = asyncio.run(localapi(a.sock, "GET", "/localapi/v0/status"))
         (peer,) = status["Peer"].values()
