@@ -1,9 +1,10 @@
 """Benchmark: TCP throughput and ping RTT through two nodeagent engines vs two wireguard-go.
 
 Builds two network namespaces joined by a veth (198.18.1.0/24), then — in the same run, on the
-same topology — runs iperf3 (TCP, one stream) and ping through (1) two ``nodeagent up`` agents,
-(2) the same with UDP GSO/GRO switched off (``NODEAGENT_UDP_OFFLOAD=0``) and (3) two wireguard-go
-instances (Debian package), and prints all three and the ratios.
+same topology — runs iperf3 (TCP, one stream) and ping through two ``nodeagent up`` agents with
+their default offloads, then with TSO reads added (``NODEAGENT_TUN_TSO=1``), without TUN offloads
+(``NODEAGENT_TUN_OFFLOAD=0``) and without any offload (also ``NODEAGENT_UDP_OFFLOAD=0``), and
+through two wireguard-go instances (Debian package); prints every figure and the ratios.
 
 Run as root: ``python3 benchmarks/engine_throughput.py [--seconds 5]``.
 Needs: iperf3, wireguard-go, wireguard-tools, ping.
@@ -68,18 +69,22 @@ def rtt(ns: str, addr: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def run_nodeagent(seconds: int, *, udp_offload: bool = True) -> tuple[float, float]:
-    saved = os.environ.get("NODEAGENT_UDP_OFFLOAD")
-    os.environ["NODEAGENT_UDP_OFFLOAD"] = "1" if udp_offload else "0"  # the agents inherit it
+def run_nodeagent(seconds: int, *, udp_offload: bool = True, tun_offload: bool = True,
+                  tun_tso: bool = False) -> tuple[float, float]:
+    switches = {"NODEAGENT_UDP_OFFLOAD": udp_offload, "NODEAGENT_TUN_OFFLOAD": tun_offload,
+                "NODEAGENT_TUN_TSO": tun_tso}
+    saved = {k: os.environ.get(k) for k in switches}
+    os.environ.update({k: "1" if on else "0" for k, on in switches.items()})  # agents inherit
     try:
         with two_agents(ALLOW_ALL, ALLOW_ALL) as (a, b):
             wait_ping(a.ns, TS4["b"])
             return iperf(b.ns, a.ns, TS4["b"], seconds), rtt(a.ns, TS4["b"])
     finally:
-        if saved is None:
-            os.environ.pop("NODEAGENT_UDP_OFFLOAD", None)
-        else:
-            os.environ["NODEAGENT_UDP_OFFLOAD"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_wireguard_go(seconds: int) -> tuple[float, float]:
@@ -102,14 +107,21 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5)
     args = ap.parse_args()
     na_tput, na_rtt = run_nodeagent(args.seconds)
-    plain_tput, plain_rtt = run_nodeagent(args.seconds, udp_offload=False)
+    tso_tput, tso_rtt = run_nodeagent(args.seconds, tun_tso=True)
+    udp_tput, udp_rtt = run_nodeagent(args.seconds, tun_offload=False)
+    plain_tput, plain_rtt = run_nodeagent(args.seconds, udp_offload=False, tun_offload=False)
     wg_tput, wg_rtt = run_wireguard_go(args.seconds)
-    print(f"nodeagent               TCP {na_tput:8.1f} Mbit/s   ping RTT {na_rtt:.3f} ms")
-    print(f"nodeagent (no GSO/GRO)  TCP {plain_tput:8.1f} Mbit/s   ping RTT {plain_rtt:.3f} ms")
-    print(f"wireguard-go            TCP {wg_tput:8.1f} Mbit/s   ping RTT {wg_rtt:.3f} ms")
+    rows = [("nodeagent", na_tput, na_rtt), ("nodeagent + TSO reads", tso_tput, tso_rtt),
+            ("nodeagent, UDP offloads only", udp_tput, udp_rtt),
+            ("nodeagent, no offloads", plain_tput, plain_rtt),
+            ("wireguard-go", wg_tput, wg_rtt)]
+    for name, tput, ms in rows:
+        print(f"{name:30s} TCP {tput:8.1f} Mbit/s   ping RTT {ms:.3f} ms")
     print(f"ratio nodeagent/wireguard-go: throughput {na_tput / wg_tput:.2f}x, "
           f"RTT {na_rtt / wg_rtt:.2f}x")
-    print(f"ratio UDP GSO/GRO on/off: throughput {na_tput / plain_tput:.2f}x")
+    print(f"ratio nodeagent default offloads / none: throughput {na_tput / plain_tput:.2f}x; "
+          f"UDP only / none: {udp_tput / plain_tput:.2f}x; "
+          f"with TSO reads / default: {tso_tput / na_tput:.2f}x")
     return 0
 
 

@@ -80,9 +80,9 @@ def new_node(name: str, ns: str) -> Node:
     return node
 
 
-def start_agent(node: Node, netmap: str) -> None:
+def start_agent(node: Node, netmap: str, env_extra: dict[str, str] | None = None) -> None:
     logf = open(os.path.join(node.dir, "agent.log"), "w")
-    env = dict(os.environ, NODEAGENT_LOG="INFO")
+    env = dict(os.environ, NODEAGENT_LOG="INFO", **(env_extra or {}))
     node.proc = popen_in_netns(node.ns, [*nodeagent_cmd(), "up", "--socket", node.sock,
                                          "--state-dir", node.state_dir, "--tun", "na0",
                                          "--port", str(WG_PORT), "--netmap-file", netmap],
@@ -113,14 +113,16 @@ def two_namespaces() -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def two_agents(rules_a: list[dict[str, Any]], rules_b: list[dict[str, Any]]
+def two_agents(rules_a: list[dict[str, Any]], rules_b: list[dict[str, Any]], *,
+               env_a: dict[str, str] | None = None, env_b: dict[str, str] | None = None
                ) -> Iterator[tuple[Node, Node]]:
+    """Two agents in two namespaces; ``env_a``/``env_b`` add to each agent's environment."""
     with two_namespaces() as (ns_a, ns_b):
         a, b = new_node("a", ns_a), new_node("b", ns_b)
         a.rules, b.rules = rules_a, rules_b
         try:
-            start_agent(a, write_netmap(a, b))
-            start_agent(b, write_netmap(b, a))
+            start_agent(a, write_netmap(a, b), env_a)
+            start_agent(b, write_netmap(b, a), env_b)
             yield a, b
         finally:
             stop_agent(a)

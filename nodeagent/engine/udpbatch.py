@@ -16,10 +16,11 @@ or middleboxes that misbehave).
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from typing import Any
+
+from nodeagent.offloadenv import UDP_OFFLOAD_ENV, offload_enabled
 
 # linux/udp.h — not exported by Python's socket module.
 UDP_SEGMENT = 103
@@ -35,11 +36,6 @@ _U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
 
 Datagram = tuple[Any, bytes]  # (endpoint or None, payload)
-
-
-def offload_enabled_by_env() -> bool:
-    return os.environ.get("NODEAGENT_UDP_OFFLOAD", "1").strip().lower() not in (
-        "0", "false", "no", "off")
 
 
 def gso_groups(out: list[Datagram]) -> list[tuple[Any, list[bytes]]]:
@@ -95,7 +91,7 @@ class UdpOffload:
 
     def __init__(self, sock: socket.socket, *, enabled: bool | None = None) -> None:
         self.counters = {"gso_sends": 0, "gso_fallbacks": 0, "gro_buffers": 0}
-        want = offload_enabled_by_env() if enabled is None else enabled
+        want = offload_enabled(UDP_OFFLOAD_ENV) if enabled is None else enabled
         self.gso = want and _try_setsockopt(sock, UDP_SEGMENT, 0)
         self.gro = want and _try_setsockopt(sock, UDP_GRO, 1)
 

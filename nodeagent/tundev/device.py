@@ -7,10 +7,14 @@ and configured, so this process stays in its own namespace, the wanted name can 
 with (or attach to) a device of ours, and the fd keeps working after the move. Closing the fd
 makes the kernel delete the link wherever it lives.
 
-The read side is an event-loop reader that drains up to ``READ_BATCH`` packets per wakeup and
-hands them over as one list; the write side writes each packet and counts, never raises, the
-drops a full queue or a down link cause. Offloads (IFF_VNET_HDR, TUNSETOFFLOAD) are not used yet:
-``_open_tun`` takes the flag word so adding them changes the open and the framing only.
+The read side is an event-loop reader that drains up to ``READ_BATCH`` reads per wakeup and
+hands the packets over as one list; the write side writes each packet and counts, never raises,
+the drops a full queue or a down link cause. With offloads (the default; ``offload=False`` or
+``NODEAGENT_TUN_OFFLOAD=0`` turns them off) the device is opened with IFF_VNET_HDR and runs of
+TCP segments written in are joined into GSO writes (:mod:`nodeagent.tundev.vnet`). With ``tso``
+(``NODEAGENT_TUN_TSO=1``; off by default) TUNSETOFFLOAD(CSUM|TSO4|TSO6) also lets the kernel
+hand over TCP segments of up to 64 KiB, which are cut into MTU-sized packets here. Callers see
+plain IP packets either way.
 """
 
 from __future__ import annotations
@@ -22,23 +26,33 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from nodeagent.offloadenv import TUN_OFFLOAD_ENV, TUN_TSO_ENV, offload_enabled
 from nodeagent.tundev import netconf
+from nodeagent.tundev.vnet import (
+    PLAIN_HDR,
+    TUN_OFFLOADS,
+    TUNSETOFFLOAD,
+    VNET_HDR_LEN,
+    coalesce,
+    split_read,
+)
 
 TUN_DEV = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000  # not used yet; would prefix each packet with a virtio_net_hdr
+IFF_VNET_HDR = 0x4000  # every read/write starts with a virtio_net_hdr (see vnet.py)
 IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags in a 24-byte union
 
-READ_BATCH = 64  # packets per reader wakeup; the reader fires again if more are queued
+READ_BATCH = 64  # reads per reader wakeup; the reader fires again if more are queued
 # A read must cover the largest packet the kernel might queue: MTU can be raised behind our back,
 # and a short read silently truncates. os.read shrinks the result in place, so this costs little.
-READ_SIZE = 65535
+READ_SIZE = 65535 + VNET_HDR_LEN
 TMP_NAME_PATTERN = "natun%d"  # kernel fills %d; used before a move into another namespace
 
+PLAIN_START = b"\0\0"  # virtio_net_hdr flags and gso_type both zero
 _READ_FATAL = frozenset({errno.EBADF, errno.EBADFD, errno.ENODEV, errno.ENXIO})
 
 
@@ -104,9 +118,11 @@ class TunDevice:
     """An open TUN device. Create with :meth:`create`; satisfies the Wrapper's ``TunLike``."""
 
     __slots__ = ("_fd", "_name", "_mtu", "_netns", "_ifindex", "_loop", "_on_packets",
-                 "write_errors", "read_errors", "last_write_errno", "last_read_errno")
+                 "write_errors", "read_errors", "last_write_errno", "last_read_errno",
+                 "vnet", "tso", "coalescing", "gso_writes", "tso_reads", "bad_reads")
 
-    def __init__(self, fd: int, name: str, mtu: int, netns: str | None, ifindex: int) -> None:
+    def __init__(self, fd: int, name: str, mtu: int, netns: str | None, ifindex: int,
+                 *, vnet: bool = False, tso: bool = False) -> None:
         self._fd = fd
         self._name = name
         self._mtu = mtu
@@ -118,17 +134,28 @@ class TunDevice:
         self.read_errors = 0
         self.last_write_errno = 0
         self.last_read_errno = 0
+        self.vnet = vnet  # reads and writes carry a virtio_net_hdr; writes may be GSO
+        self.tso = tso  # the kernel may hand us TSO segments (TUNSETOFFLOAD accepted)
+        self.coalescing = vnet  # join TCP runs into GSO writes (off after the kernel refuses)
+        self.gso_writes = 0  # writes that carried several TCP segments
+        self.tso_reads = 0  # reads the kernel handed over as one large TCP segment
+        self.bad_reads = 0  # reads with a virtio_net_hdr we could not make sense of
 
     # --- creation ---------------------------------------------------------------------------
     @classmethod
     def create(cls, name: str, *, mtu: int = 1280, addresses: Iterable[str] = (),
-               routes: Iterable[str] = (), netns: str | None = None) -> TunDevice:
+               routes: Iterable[str] = (), netns: str | None = None,
+               offload: bool | None = None, tso: bool | None = None) -> TunDevice:
         """Open and configure a TUN: MTU, up, addresses (IPv6 without DAD), routes via it.
 
         ``addresses`` are ``addr/prefixlen`` strings (a bare address means a host prefix);
         ``routes`` are prefixes routed out of the device. With ``netns`` the link ends up in
-        that named namespace while this process stays where it is. Raises :class:`TunError`.
+        that named namespace while this process stays where it is. ``offload`` (default: the
+        ``NODEAGENT_TUN_OFFLOAD`` environment, on) and ``tso`` (``NODEAGENT_TUN_TSO``, off)
+        are the offloads of the module text. Raises :class:`TunError`.
         """
+        vnet = offload_enabled(TUN_OFFLOAD_ENV) if offload is None else offload
+        want_tso = vnet and (offload_enabled(TUN_TSO_ENV, False) if tso is None else tso)
         validate_ifname(name)
         if not 68 <= mtu <= 65535:
             raise TunError(f"TUN {name!r}: MTU {mtu} outside 68..65535")
@@ -138,7 +165,14 @@ class TunDevice:
             except netconf.NetconfError as e:
                 raise TunError(f"cannot create TUN {name!r}: {e}", e.errno) from None
         fd, kname = _open_tun(TMP_NAME_PATTERN if netns is not None else name,
-                              IFF_TUN | IFF_NO_PI)
+                              IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0))
+        tso = False
+        if want_tso:
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_OFFLOADS)
+                tso = True
+            except OSError:
+                pass  # the framing stays; the kernel just never sends TSO segments
         try:
             if netns is not None:
                 netconf.move_link_to_netns(kname, netns)
@@ -153,7 +187,7 @@ class TunDevice:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, kname, mtu, netns, ifindex)
+        return cls(fd, kname, mtu, netns, ifindex, vnet=vnet, tso=tso)
 
     # --- properties -------------------------------------------------------------------------
     @property
@@ -214,8 +248,22 @@ class TunDevice:
         read = os.read
         batch: list[bytes] = []
         try:
-            for _ in range(READ_BATCH):
-                batch.append(read(fd, READ_SIZE))
+            if self.vnet:
+                for _ in range(READ_BATCH):
+                    buf = read(fd, READ_SIZE)
+                    if buf.startswith(PLAIN_START) and len(buf) > VNET_HDR_LEN:
+                        # The common case: one packet, nothing to finish or cut.
+                        batch.append(buf[VNET_HDR_LEN:])
+                        continue
+                    pkts = split_read(buf)
+                    if len(pkts) > 1:
+                        self.tso_reads += 1
+                    elif not pkts:
+                        self.bad_reads += 1
+                    batch.extend(pkts)
+            else:
+                for _ in range(READ_BATCH):
+                    batch.append(read(fd, READ_SIZE))
         except BlockingIOError:
             pass
         except OSError as e:
@@ -237,14 +285,54 @@ class TunDevice:
             self.write_errors += len(pkts)
             return
         write = os.write
+        if self.vnet:
+            pkts = (coalesce(pkts) if self.coalescing and len(pkts) > 1
+                    else [PLAIN_HDR + p for p in pkts])
         for pkt in pkts:
             try:
                 write(fd, pkt)
             except OSError as e:
                 # EAGAIN/ENOBUFS (queue full), EIO (link down), EINVAL (not an IP packet): a
                 # drop, like a full NIC queue. Raising here would abort the rest of the batch.
+                if self.vnet and pkt[1]:
+                    self._gso_write_failed(pkt, e)
+                else:
+                    self.write_errors += 1
+                    self.last_write_errno = e.errno or 0
+            else:
+                if self.vnet and pkt[1]:
+                    self.gso_writes += 1
+
+    def _gso_write_failed(self, write: bytes, e: OSError) -> None:
+        """A GSO write the kernel refused: the segments go again one by one, so a kernel that
+        rejects our GSO framing costs speed, not packets; EINVAL stops the joining for good."""
+        if e.errno == errno.EINVAL:
+            self.coalescing = False
+        for pkt in split_read(write):
+            try:
+                os.write(self._fd, PLAIN_HDR + pkt)
+            except OSError as e2:
                 self.write_errors += 1
-                self.last_write_errno = e.errno or 0
+                self.last_write_errno = e2.errno or 0
+        self.last_write_errno = e.errno or 0
+
+    def metrics_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+        return [
+            ("nodeagent_tun_write_errors_total", "Packets the TUN device refused to take", {},
+             self.write_errors),
+            ("nodeagent_tun_read_errors_total", "Failed reads from the TUN device", {},
+             self.read_errors),
+            ("nodeagent_tun_gso_writes_total", "TUN writes that joined several TCP segments",
+             {}, self.gso_writes),
+            ("nodeagent_tun_tso_reads_total", "TUN reads that held a large TCP segment (TSO)",
+             {}, self.tso_reads),
+            ("nodeagent_tun_bad_reads_total", "TUN reads with an offload header we could not use",
+             {}, self.bad_reads),
+            ("nodeagent_tun_offload", "TUN offloads in use (1) or not (0)", {"kind": "tso"},
+             float(self.tso)),
+            ("nodeagent_tun_offload", "TUN offloads in use (1) or not (0)", {"kind": "gro"},
+             float(self.coalescing)),
+        ]
 
     # --- teardown ---------------------------------------------------------------------------
     def _remove_reader(self) -> None:

@@ -236,6 +236,9 @@ class Wrapper:
                       label, c[f"{direction}_bytes"]))
         for k in ("tsmp_rejects_sent", "tsmp_rejects_received", "tsmp_pings_answered"):
             s.append((f"nodeagent_{k}_total", f"TSMP: {k.replace('_', ' ')}", {}, c[k]))
+        tun_samples: Any = getattr(self.tun, "metrics_samples", None)
+        if tun_samples is not None:
+            s.extend(tun_samples())
         return s
 
 

@@ -68,6 +68,10 @@ def test_ping_transfer_and_acl_over_wireguard() -> None:
             assert metric(ma, "nodeagent_wireguard_udp_gso_sends_total") > 0
         if metric(mb, 'nodeagent_wireguard_udp_offload{kind="gro"}') == 1:
             assert metric(mb, "nodeagent_wireguard_udp_gro_buffers_total") > 0
+        # ... and the receiver wrote joined runs of TCP segments into its TUN.
+        if metric(mb, 'nodeagent_tun_offload{kind="gro"}') == 1:
+            assert metric(mb, "nodeagent_tun_gso_writes_total") > 0
+        assert metric(ma, "nodeagent_tun_bad_reads_total") == 0
 
         st, status = asyncio.run(localapi(a.sock, "GET", "/localapi/v0/status"))
         (peer,) = status["Peer"].values()
@@ -83,6 +87,28 @@ def test_ping_transfer_and_acl_over_wireguard() -> None:
             _, rb = asyncio.run(localapi(b.sock, "GET", "/localapi/v0/debug-rejects"))
             ins = {(e["Src"].rsplit(":", 1)[0], e["Reason"], e["Source"]) for e in rb["Incoming"]}
             assert (TS4["a"], "acl", "tsmp_sent") in ins
+
+
+def test_transfer_with_tso_reads_and_without_tun_offloads() -> None:
+    """Agent a lets its kernel hand over TSO segments (cut up in Python) and joins what it
+    writes; agent b uses no TUN offload at all. 10 MB each way arrive intact."""
+    with two_agents(RULES_A, RULES_A, env_a={"NODEAGENT_TUN_TSO": "1"},
+                    env_b={"NODEAGENT_TUN_OFFLOAD": "0"}) as (a, b):
+        wait_ping(a.ns, TS4["b"])
+        blob = os.urandom(10 << 20)
+        for src, dst in ((a, b), (b, a)):
+            with sink_server(dst.ns, TS4[dst.name], 8080) as result:
+                digest = run_in(src.ns, send_blob, TS4[dst.name], 8080, blob)
+            assert result.get("bytes") == len(blob), (src.name, dst.name)
+            assert digest == hashlib.sha256(blob).digest()
+        _, ma = asyncio.run(localapi(a.sock, "GET", "/localapi/v0/metrics"))
+        _, mb = asyncio.run(localapi(b.sock, "GET", "/localapi/v0/metrics"))
+        assert metric(ma, 'nodeagent_tun_offload{kind="tso"}') == 1
+        assert metric(ma, "nodeagent_tun_tso_reads_total") > 0
+        assert metric(ma, "nodeagent_tun_gso_writes_total") > 0
+        assert metric(ma, "nodeagent_tun_bad_reads_total") == 0
+        assert metric(mb, 'nodeagent_tun_offload{kind="gro"}') == 0
+        assert metric(mb, "nodeagent_tun_gso_writes_total") == 0
 
 
 def test_stopped_peer_reported_by_pendopen() -> None:
