@@ -71,20 +71,11 @@ def rtt(ns: str, addr: str) -> float:
 
 def run_nodeagent(seconds: int, *, udp_offload: bool = True, tun_offload: bool = True,
                   tun_tso: bool = False) -> tuple[float, float]:
-    switches = {"NODEAGENT_UDP_OFFLOAD": udp_offload, "NODEAGENT_TUN_OFFLOAD": tun_offload,
-                "NODEAGENT_TUN_TSO": tun_tso}
-    saved = {k: os.environ.get(k) for k in switches}
-    os.environ.update({k: "1" if on else "0" for k, on in switches.items()})  # agents inherit
-    try:
-        with two_agents(ALLOW_ALL, ALLOW_ALL) as (a, b):
-            wait_ping(a.ns, TS4["b"])
-            return iperf(b.ns, a.ns, TS4["b"], seconds), rtt(a.ns, TS4["b"])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    env = {"NODEAGENT_UDP_OFFLOAD": str(int(udp_offload)),
+           "NODEAGENT_TUN_OFFLOAD": str(int(tun_offload)), "NODEAGENT_TUN_TSO": str(int(tun_tso))}
+    with two_agents(ALLOW_ALL, ALLOW_ALL, env_a=env, env_b=env) as (a, b):
+        wait_ping(a.ns, TS4["b"])
+        return iperf(b.ns, a.ns, TS4["b"], seconds), rtt(a.ns, TS4["b"])
 
 
 def run_wireguard_go(seconds: int) -> tuple[float, float]:

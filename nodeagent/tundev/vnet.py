@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import struct
 
-from nodeagent.packet.checksum import checksum
+from nodeagent.packet.checksum import checksum, pseudo_header_sum
+from nodeagent.packet.parsed import PROTO_TCP
 
 VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_off
 VNET_HDR_LEN = VNET_HDR.size
@@ -53,7 +54,6 @@ MAX_IP_TOTAL = 65535
 
 _FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80
 _H = struct.Struct("!H")
-_HH = struct.Struct("!HH")
 _I = struct.Struct("!I")
 
 
@@ -91,14 +91,14 @@ def _segment_tcp(pkt: bytes, kind: int, mss: int) -> list[bytes]:
     version = pkt[0] >> 4
     if version == 4 and kind == GSO_TCPV4:
         ihl = (pkt[0] & 0x0F) * 4
-        if ihl < 20 or pkt[9] != 6:
+        if ihl < 20 or pkt[9] != PROTO_TCP:
             return []
         src = int.from_bytes(pkt[12:16], "big")
         dst = int.from_bytes(pkt[16:20], "big")
         ident = _H.unpack_from(pkt, 4)[0]
     elif version == 6 and kind == GSO_TCPV6:
         ihl = 40
-        if pkt[6] != 6:
+        if pkt[6] != PROTO_TCP:
             return []  # extension headers: the kernel does not build TSO with them for TUN
         src = int.from_bytes(pkt[8:24], "big")
         dst = int.from_bytes(pkt[24:40], "big")
@@ -139,7 +139,7 @@ def _tcp_packet(iphdr: bytes, tcphdr: bytes, data: memoryview | bytes, version: 
     tcp[13] = tflags
     tcp[16] = tcp[17] = 0
     tlen = len(tcp)
-    _H.pack_into(tcp, 16, checksum(tcp, src + dst + 6 + tlen))
+    _H.pack_into(tcp, 16, checksum(tcp, pseudo_header_sum(src, dst, PROTO_TCP, tlen)))
     ip = bytearray(iphdr)
     if version == 4:
         _H.pack_into(ip, 2, ihl + tlen)
@@ -184,11 +184,12 @@ def _flow_key(pkt: bytes) -> bytes | None:
         return None
     b0 = pkt[0]
     if b0 == 0x45:  # IPv4 without options
-        if pkt[9] != 6 or _H.unpack_from(pkt, 6)[0] & 0x3FFF or _H.unpack_from(pkt, 2)[0] != n:
+        if (pkt[9] != PROTO_TCP or _H.unpack_from(pkt, 6)[0] & 0x3FFF
+                or _H.unpack_from(pkt, 2)[0] != n):
             return None  # not TCP, a fragment, or padded
         return pkt[12:24]  # addresses + ports
     if b0 >> 4 == 6:
-        if n < 60 or pkt[6] != 6 or _H.unpack_from(pkt, 4)[0] + 40 != n:
+        if n < 60 or pkt[6] != PROTO_TCP or _H.unpack_from(pkt, 4)[0] + 40 != n:
             return None
         return pkt[8:44]
     return None
@@ -276,7 +277,8 @@ class _Run:
             dst = int.from_bytes(first[24:40], "big")
             gso = GSO_TCPV6
         # A partial checksum: the folded pseudo-header sum; the kernel adds the segment's sum.
-        _H.pack_into(body, ihl + 16, (src + dst + 6 + tcp_len) % 0xFFFF or 0xFFFF)
+        partial = pseudo_header_sum(src, dst, PROTO_TCP, tcp_len) % 0xFFFF or 0xFFFF
+        _H.pack_into(body, ihl + 16, partial)
         hdr = VNET_HDR.pack(F_NEEDS_CSUM, gso, hdr_end, self.mss, ihl, 16)
         return hdr + bytes(body) + b"".join(self.parts)
 
