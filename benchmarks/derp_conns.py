@@ -1,11 +1,15 @@
 """Benchmark: N idle logged-in DERP clients; server RSS per client and packet RTT under that load.
 
+First, against a real ``derper`` process: RSS growth per 10 000 closed connections, for
+upgrade-and-close and login-and-close visits (should be ≈0: nothing of a closed connection may
+stay referenced).
+
 The DerpServer runs behind aiohttp in its own process; this process opens N clients (default
 10 000), each doing the full HTTP upgrade and boxed login, then leaves them idle. Prints the
 server's RSS growth per client, and the round-trip time of a packet A→B→A between two extra
 clients, before the load and with the N clients connected (and their ratio).
 
-    python3 benchmarks/derp_conns.py [--clients 10000] [--rtts 500]
+    python3 benchmarks/derp_conns.py [--clients 10000] [--rtts 500] [--churn 20000]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from derp_relay import _use_uvloop, start_derp_process  # noqa: E402
 from nacl.public import PrivateKey  # noqa: E402
 
 from nodeagent.derp.client import DerpClient, ReceivedPacket  # noqa: E402
+from tests import derpload as D  # noqa: E402
 
 
 def raise_nofile(want: int) -> int:
@@ -103,11 +108,35 @@ async def run(port: int, key: bytes, pid: int, n: int, rtts: int) -> None:
     await b.close()
 
 
+def churn_growth(cycles: int) -> None:
+    """RSS growth of a real ``derper`` per 10 000 closed connections (upgrade / login visits)."""
+    port = D.free_port()
+    proc = D.start_derper(port)
+    try:
+        keys = [bytes(PrivateKey.generate()) for _ in range(1000)]
+        asyncio.run(D.churn(port, 1000, login=True, keys=keys))  # warm-up
+        for login in (False, True):
+            before = D.rss_kib(proc.pid)
+            t0 = time.perf_counter()
+            failed = asyncio.run(D.churn(port, cycles, login=login, keys=keys))
+            grew = D.rss_kib(proc.pid) - before
+            kind = "login-and-close" if login else "upgrade-and-close"
+            print(f"{kind}: {cycles} visits in {time.perf_counter() - t0:.1f} s "
+                  f"({failed} failed); RSS {grew:+d} KiB = "
+                  f"{grew * 10_000 / cycles:+.0f} KiB per 10 000 closed connections")
+    finally:
+        D.stop_process(proc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=10_000)
     ap.add_argument("--rtts", type=int, default=500)
+    ap.add_argument("--churn", type=int, default=20_000,
+                    help="closed connections per churn measurement (0 skips it)")
     args = ap.parse_args()
+    if args.churn:
+        churn_growth(args.churn)
     limit = raise_nofile(args.clients * 2 + 1024)  # the child process inherits this
     if limit < args.clients + 256:
         sys.exit(f"RLIMIT_NOFILE is {limit}; cannot hold {args.clients} clients")

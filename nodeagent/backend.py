@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from nodeagent.c2n import C2NRouter
-from nodeagent.ipn.prefs import Prefs, apply_masked
+from nodeagent.ipn.prefs import Prefs, apply_masked, check_hostname
 from nodeagent.ipn.state import PersistedState, StateStore
 from nodeagent.ipnext.feature import InstalledFeature
 from nodeagent.ipnext.host import ExtensionHost
@@ -41,9 +41,11 @@ class LocalBackend:
         features: Iterable[InstalledFeature] | None = None,
         hostname: str | None = None,
     ) -> None:
+        if hostname:
+            check_hostname(hostname)  # PrefsError: the caller's option is bad, not the state
         self.store = StateStore(state_dir)
         self.state: PersistedState = self.store.load_or_create()  # StateError on a bad file
-        self.prefs = Prefs.from_dict(self.state.prefs)
+        self.prefs = Prefs.from_dict(self.state.prefs)  # checked by load: cannot fail here
         if hostname:
             self.prefs.Hostname = hostname
         self.netmap: NetworkMap | None = None
@@ -134,10 +136,13 @@ class LocalBackend:
         return eng.peer_stats(node_key) or {}
 
     # --- prefs ----------------------------------------------------------------------------
-    def edit_prefs(self, body: Any) -> Prefs:
-        """Apply masked prefs (PrefsError on bad input, nothing changed) and persist them."""
+    def edit_prefs(self, body: Any, *, protected: Collection[str] = ()) -> Prefs:
+        """Apply masked prefs (PrefsError on bad input, nothing changed) and persist them.
+
+        Changing a field named in ``protected`` raises PrefsPermissionError, nothing changed.
+        """
         trial = Prefs(**vars(self.prefs))
-        changed = apply_masked(trial, body)
+        changed = apply_masked(trial, body, protected=protected)
         if changed:
             old_state = self.state.prefs
             self.state.prefs = {k: v for k, v in vars(trial).items()}

@@ -58,6 +58,13 @@ def _up(args: argparse.Namespace, ctx: CLIContext) -> int:
         raise CLIError("--netmap-file and --login-server need --tun NAME (the data plane)")
     if args.netmap_file and args.login_server:
         raise CLIError("--netmap-file and --login-server are alternatives; give one")
+    if args.hostname:
+        from nodeagent.ipn.prefs import PrefsError, check_hostname
+
+        try:
+            check_hostname(args.hostname)
+        except PrefsError as e:
+            raise CLIError(f"--hostname {str(e).removeprefix('Hostname: ')}") from None
     opts = AgentOptions(socket=ctx.socket, state_dir=args.state_dir, hostname=args.hostname,
                         tun=args.tun, port=args.port, netmap_file=args.netmap_file,
                         login_server=args.login_server,

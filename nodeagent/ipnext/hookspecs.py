@@ -67,7 +67,8 @@ class BackendSpec:
     @hookspec
     def nodeagent_localapi_routes(self, backend: LocalBackend, routes: LocalAPIRoutes) -> None:
         """Fires once at start-up, after init: register LocalAPI endpoints with
-        ``routes.add(name, handler, methods={"GET": "read"})`` (paths under /localapi/v0/)."""
+        ``routes.add(name, handler, methods={"GET": "read"})`` (paths under /localapi/v0/); a
+        handler taking a JSON body reads it with ``nodeagent.localapi.handlers.read_json_body``."""
 
     @hookspec
     def nodeagent_c2n_routes(self, backend: LocalBackend, routes: C2NRouter) -> None:

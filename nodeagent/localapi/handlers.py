@@ -1,21 +1,73 @@
-"""The core's own LocalAPI endpoints: status, prefs, metrics."""
+"""The core's own LocalAPI endpoints: status, prefs, metrics; and :func:`read_json_body`, the
+one way a LocalAPI handler (core or feature) reads a JSON request body.
+
+A body that is not JSON, is not UTF-8, holds a number with more than :data:`MAX_INT_DIGITS` digits
+or nests deeper than Python's recursion limit is refused with :class:`BodyError` (one line, 400);
+a body over the server's ``client_max_size`` gets the server's JSON 413. Only root or the agent's
+own user may change ``OperatorUser``: the operator may write prefs but not hand that right on.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from nodeagent.ipn.prefs import PrefsError
+from nodeagent.ipn.prefs import PrefsError, PrefsPermissionError
 from nodeagent.ipn.state import StateError
 from nodeagent.ipn.status import build_status
 from nodeagent.localapi.metrics import render_metrics
 from nodeagent.localapi.routes import READ, WRITE, LocalAPIRoutes
-from nodeagent.localapi.server import json_error
+from nodeagent.localapi.server import is_privileged, json_error, peer_uid
 
 if TYPE_CHECKING:
     from nodeagent.backend import LocalBackend
+
+MAX_INT_DIGITS = 64  # no LocalAPI value needs more; Python itself refuses ints past 4300 digits
+OPERATOR_FIELDS = ("OperatorUser",)  # prefs only root or the agent's own user may change
+
+
+class BodyError(ValueError):
+    """A request body that is not usable JSON; the message is one line naming the endpoint."""
+
+
+class _TooManyDigits(Exception):
+    def __init__(self, digits: int) -> None:
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _TooManyDigits(digits)
+    return int(text)
+
+
+def parse_json_body(raw: bytes, name: str) -> Any:
+    """``raw`` as JSON, or :class:`BodyError` saying why not (never ValueError/RecursionError)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BodyError(f"{name}: body is not UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except json.JSONDecodeError as e:
+        raise BodyError(f"{name}: body is not JSON: {e}") from None
+    except _TooManyDigits as e:
+        raise BodyError(f"{name}: body has a number of {e.digits} digits "
+                        f"(at most {MAX_INT_DIGITS})") from None
+    except RecursionError:
+        raise BodyError(f"{name}: body is not usable JSON: nested too deeply") from None
+    except ValueError as e:  # any other limit of Python's json; its text is one line
+        raise BodyError(f"{name}: body is not usable JSON: {' '.join(str(e).split())}") from None
+
+
+async def read_json_body(request: web.Request, name: str) -> Any:
+    """The request body as JSON; BodyError (answer 400) if it is not usable, and aiohttp's 413
+    (answered as JSON by the server) if it is larger than the server accepts."""
+    return parse_json_body(await request.read(), name)
 
 
 def register_core_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:
@@ -26,11 +78,14 @@ def register_core_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:
     async def prefs(request: web.Request) -> web.StreamResponse:
         if request.method == "PATCH":
             try:
-                body = await request.json(loads=json.loads)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return json_error(400, f"prefs: body is not JSON: {e}")
+                body = await read_json_body(request, "prefs")
+            except BodyError as e:
+                return json_error(400, str(e))
+            protected = () if is_privileged(peer_uid(request)) else OPERATOR_FIELDS
             try:
-                backend.edit_prefs(body)
+                backend.edit_prefs(body, protected=protected)
+            except PrefsPermissionError as e:
+                return json_error(403, f"prefs access denied: {e}")
             except PrefsError as e:
                 return json_error(400, f"prefs: {e}")
             except StateError as e:

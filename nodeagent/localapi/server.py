@@ -1,12 +1,20 @@
 """The LocalAPI HTTP server on a Unix socket, with per-request permissions from SO_PEERCRED.
 
 Anyone who can connect may read; root, the agent's own user, or the configured OperatorUser may
-write. The socket is 0666 inside a 0755 directory because permissions are enforced per request,
-as Tailscale does. Errors are JSON objects ``{"error": "..."}``.
+write (handlers may keep some changes to root and the agent's user: :func:`is_privileged`). The
+socket is 0666 inside a 0755 directory because permissions are enforced per request, as Tailscale
+does. Errors are JSON objects ``{"error": "..."}``, including aiohttp's own HTTP errors raised
+inside a handler (413 for a body over ``client_max_size``, ...).
+
+Resource limits: at most ``MAX_CONNS_PER_UID`` simultaneous connections per non-root peer uid (one
+user holding idle sockets cannot lock root out), a connection that has not sent a whole request
+within :func:`nodeagent.netguard.request_timeout` is closed, and the open-file limit is raised at
+start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -22,6 +30,12 @@ from aiohttp import web
 
 from nodeagent.ipnext.known import feature_for_localapi, not_installed_message
 from nodeagent.localapi.routes import READ, WRITE
+from nodeagent.netguard import (
+    ConnLimiter,
+    raise_nofile_limit,
+    request_timeout,
+    throttle_accept_errors,
+)
 
 if TYPE_CHECKING:
     from nodeagent.backend import LocalBackend
@@ -32,6 +46,8 @@ PREFIX = "/localapi/v0/"
 DEFAULT_SOCKET = "/run/nodeagent/nodeagent.sock"
 SOCKET_ENV = "NODEAGENT_SOCKET"
 _CRED = struct.Struct("3i")
+# Simultaneous LocalAPI connections per non-root peer uid (a CLI needs one; a GUI a few).
+MAX_CONNS_PER_UID = 64
 
 
 def default_socket_path() -> str:
@@ -48,15 +64,43 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
 
 def peer_uid(request: web.Request) -> int | None:
     """The uid of the process on the other end of the Unix socket, or None if unknown."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return _socket_uid(request.transport.get_extra_info("socket") if request.transport else None)
+
+
+def _socket_uid(sock: socket.socket | None) -> int | None:
     if sock is None:
         return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
     except (OSError, AttributeError):
         return None
-    _pid, uid, _gid = _CRED.unpack(raw)
-    return uid
+    return int(_CRED.unpack(raw)[1])
+
+
+def _limited_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The key of the per-uid connection limit: the peer's uid, None (unlimited) for root."""
+    uid = _socket_uid(transport.get_extra_info("socket"))
+    return None if uid == 0 else (-1 if uid is None else uid)
+
+
+def is_privileged(uid: int | None) -> bool:
+    """Root or the agent's own user: may write anything, including who the operator is."""
+    return uid is not None and (uid == 0 or uid == os.geteuid())
+
+
+def http_error_json(name: str, e: web.HTTPException) -> web.StreamResponse:
+    """aiohttp's HTTP error (e.g. 413 from ``request.read()``) as a LocalAPI JSON error."""
+    if e.status < 400:
+        raise e  # a redirect or success raised by a handler is passed on as it is
+    what = (e.reason or "error").lower()
+    text = " ".join((e.text or "").split())  # one line
+    if text and text != f"{e.status}: {e.reason}":  # aiohttp's default text adds nothing
+        what = f"{what}: {text}"
+    resp = json_error(e.status, f"{name}: {what}")
+    for h in ("Allow", "Retry-After"):
+        if h in e.headers:
+            resp.headers[h] = e.headers[h]
+    return resp
 
 
 class LocalAPIServer:
@@ -64,13 +108,17 @@ class LocalAPIServer:
         self.backend = backend
         self.path = path
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        # One user (say nobody, holding idle sockets) must not starve root or anyone else.
+        self.conn_limiter = ConnLimiter(MAX_CONNS_PER_UID, log, "uid",
+                                        key_of=_limited_uid)
         self.app = web.Application(client_max_size=1 << 20)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
 
     def can_write(self, uid: int | None) -> bool:
         if uid is None:
             return False
-        if uid == 0 or uid == os.geteuid():
+        if is_privileged(uid):
             return True
         op = self.backend.prefs.OperatorUser
         if op:
@@ -105,8 +153,8 @@ class LocalAPIServer:
             return json_error(403, f"{name} access denied: unknown peer")
         try:
             return await route.handler(request)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as e:
+            return http_error_json(name, e)
         except Exception as e:
             log.exception("LocalAPI %s %s failed", request.method, name)
             return json_error(500, f"{name}: internal error: {type(e).__name__}: {e}")
@@ -123,13 +171,21 @@ class LocalAPIServer:
             if _socket_alive(str(p)):
                 raise SocketInUseError(f"another agent is already serving {p}")
             p.unlink()
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        raise_nofile_limit()
+        loop = asyncio.get_running_loop()
+        throttle_accept_errors(loop, log)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=request_timeout())
         await self._runner.setup()
-        site = web.UnixSite(self._runner, str(p))
-        await site.start()
+        assert self._runner.server is not None
+        self._server = await loop.create_unix_server(
+            self.conn_limiter.wrap(self._runner.server), str(p), backlog=1024)
         os.chmod(p, 0o666)
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

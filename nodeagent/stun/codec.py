@@ -10,6 +10,12 @@ Deliberate extension beyond Tailscale (see specs/stun.md): besides Tailscale's o
 unless ``classic=False``, an RFC 3489 ("classic STUN", no magic cookie) binding request whose
 header length matches the datagram exactly is answered with a plain MAPPED-ADDRESS, because old
 clients such as stund's ``stun`` reject attributes they do not know.
+
+Reply size: a response built here is the 20-byte header plus exactly one (XOR-)MAPPED-ADDRESS
+attribute — ``mapped_address_attr_len(host)`` bytes, 12 for IPv4, 24 for IPv6 — with no padding
+and no other attribute. Every request ``parse_binding_request`` accepts is at least a 20-byte
+header, so a reply never exceeds its request by more than that one attribute (see the derper's
+``stun_server`` for why this matters).
 """
 
 from __future__ import annotations
@@ -116,6 +122,13 @@ def _packed_addr(host: str | bytes) -> bytes:
     if len(raw) == 16 and raw[:12] == _V4MAPPED:
         return raw[12:]
     return raw
+
+
+def mapped_address_attr_len(host: str | bytes) -> int:
+    """Bytes on the wire of one XOR-MAPPED-ADDRESS (or MAPPED-ADDRESS) attribute for ``host``:
+    4 (type, length) + 4 (reserved, family, port) + the address — 12 for IPv4 and IPv4-mapped
+    IPv6, 24 for IPv6. Raises ``ValueError``/``OSError`` for something that is no address."""
+    return 8 + len(_packed_addr(host))
 
 
 def build_binding_response(txid: bytes, host: str | bytes, port: int) -> bytes:

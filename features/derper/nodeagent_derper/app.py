@@ -23,18 +23,34 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from nodeagent.netguard import (
+    ConnLimiter,
+    ThrottledLog,
+    raise_nofile_limit,
+    request_timeout,
+)
 from nodeagent_derper import home
 from nodeagent_derper.acme_manager import LETSENCRYPT_DIRECTORY, AcmeManager
 from nodeagent_derper.certs import CertError, CertStore, ensure_self_signed_for_ip, is_ip
 from nodeagent_derper.debug import DebugHandlers
 from nodeagent_derper.metrics import DerperMetrics
 from nodeagent_derper.server import DEFAULT_WRITE_TIMEOUT
+from nodeagent_derper.stun_ratelimit import (
+    DEFAULT_BURST,
+    DEFAULT_GLOBAL_RATE,
+    DEFAULT_RATE,
+    StunRateLimits,
+)
 from nodeagent_derper.stun_server import start_stun
 
 log = logging.getLogger("derper")
 
 DEV_ADDR = "localhost:3340"
 HANDSHAKE_TIMEOUT = 10.0
+# Simultaneous connections per source IP that have not logged in to DERP yet (HTTP requests,
+# TLS handshakes and DERP handshakes in progress). Logged-in clients do not count, so a whole
+# office behind one NAT is fine; a stranger holding sockets open is not.
+DEFAULT_MAX_PENDING_PER_IP = 256
 
 
 class StartupError(Exception):
@@ -52,6 +68,9 @@ class DerperOptions:
     stun: bool = True
     stun_port: int = 3478
     stun_strict: bool = False
+    stun_rate_limit: float = DEFAULT_RATE  # STUN replies/s to one source; 0 = unlimited
+    stun_rate_burst: int = DEFAULT_BURST
+    stun_global_rate_limit: float = DEFAULT_GLOBAL_RATE  # STUN replies/s in total; 0 = unlimited
     derp: bool = True
     dev: bool = False
     home: str = ""
@@ -64,6 +83,7 @@ class DerperOptions:
     rate_limit_bytes_per_sec: int | None = None
     rate_limit_burst: int | None = None
     write_timeout: float = DEFAULT_WRITE_TIMEOUT  # seconds; 0 disables
+    max_pending_per_ip: int = DEFAULT_MAX_PENDING_PER_IP  # 0 disables
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -146,11 +166,6 @@ def _listen_sockets(host: str, port: int) -> list[socket.socket]:
     return out
 
 
-class _Reject(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()
-
-
 class Derper:
     """One running derper. ``start()`` binds everything; ``stop()`` shuts down gracefully."""
 
@@ -176,6 +191,9 @@ class Derper:
         self._conn_tasks: set[asyncio.Task[Any]] = set()
         self._bucket = (TokenBucket(opts.accept_connection_limit, opts.accept_connection_burst)
                         if math.isfinite(opts.accept_connection_limit) else None)
+        self._pending = ConnLimiter(opts.max_pending_per_ip or 2**62, log,
+                                    "source IP with connections not logged in:")
+        self._accept_log = ThrottledLog(log)
         self.main_port = 0
         self.http_port = 0
         self.stun_port = 0
@@ -192,7 +210,13 @@ class Derper:
                                     rate_limit_bytes_per_sec=o.rate_limit_bytes_per_sec,
                                     rate_limit_burst=o.rate_limit_burst,
                                     write_timeout=o.write_timeout, registry=self.registry)
+        if hasattr(self._derp, "on_login"):
+            self._derp.on_login = self._logged_in
         return self._derp
+
+    def _logged_in(self, conn: Any) -> None:
+        if conn.remote is not None:
+            self._pending.release_name(conn.remote)
 
     def info(self) -> dict[str, Any]:
         return {"version": self.version, "uptime": f"{time.time() - self.started:.0f}s",
@@ -277,7 +301,7 @@ class Derper:
         t.add_done_callback(group.discard)
         return t
 
-    async def _serve_conn(self, factory: Any, conn: socket.socket,
+    async def _serve_conn(self, factory: Any, conn: socket.socket, addr: Any,
                           ctx: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -285,31 +309,45 @@ class Derper:
                 factory, conn, ssl=ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ctx else None)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
             conn.close()  # failed TLS handshake or a client gone before it finished
+            if not self._pending.release_name(addr):
+                self._pending.release(addr[0])
 
     async def _accept_loop(self, lsock: socket.socket, factory: Any,
                            ctx: ssl.SSLContext | None, limited: bool) -> None:
         loop = asyncio.get_running_loop()
+        pending = self._pending
         while True:
             try:
-                conn, _ = await loop.sock_accept(lsock)
+                conn, addr = await loop.sock_accept(lsock)
             except OSError as e:
-                log.warning("accept: %s", e)
-                await asyncio.sleep(0.05)  # e.g. EMFILE: let connections drain
+                # EMFILE and friends: say so once per interval, give connections time to end
+                # (idle ones are closed by the request deadline), then go on accepting.
+                self.metrics.accept_errors.inc()
+                self._accept_log.warning("accept on %s: %s; retrying",
+                                         lsock.getsockname()[:2], e.strerror or e)
+                await asyncio.sleep(0.1)
                 continue
             if limited and self._bucket is not None and not self._bucket.take():
                 self.metrics.rejected.inc()
+                conn.close()
+                continue
+            if limited and not pending.try_acquire(addr[0]):
+                pending.refuse(addr[0])
+                self.metrics.rejected_pending.inc()
                 conn.close()
                 continue
             self.metrics.accepted.inc()
             conn.setblocking(False)
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._serve_conn(factory, conn, ctx), conn=True)
+            conn_factory = pending.wrap_held(factory, addr[0], addr) if limited else factory
+            self._spawn(self._serve_conn(conn_factory, conn, addr, ctx), conn=True)
 
     async def _serve_app(self, app: web.Application, host: str, port: int,
                          ctx: ssl.SSLContext | None, limited: bool,
                          wrap_derp: bool = False) -> int:
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               keepalive_timeout=request_timeout())
         await runner.setup()
         self._runners.append(runner)
         socks = _listen_sockets(host, port)
@@ -329,6 +367,7 @@ class Derper:
             host, port = split_hostport(o.addr)
         except ValueError as e:
             raise StartupError(str(e)) from None
+        raise_nofile_limit()
         try:
             ctx = self._setup_tls() if self.tls else None
             self.main_port = await self._serve_app(self.build_main_app(), host, port, ctx,
@@ -337,8 +376,10 @@ class Derper:
                 self.http_port = await self._serve_app(self.build_http_port_app(), host,
                                                        o.http_port, None, limited=False)
             if o.stun:
+                limits = StunRateLimits(rate=o.stun_rate_limit, burst=o.stun_rate_burst,
+                                        global_rate=o.stun_global_rate_limit)
                 self._stun = await start_stun(host, o.stun_port, self.metrics,
-                                              strict=o.stun_strict)
+                                              strict=o.stun_strict, limits=limits)
                 self.stun_port = self._stun[0].get_extra_info("sockname")[1]
         except OSError as e:
             await self.stop(graceful=False)

@@ -25,6 +25,7 @@ from nacl.public import PrivateKey
 
 from nodeagent_derper.acme_manager import LETSENCRYPT_DIRECTORY
 from nodeagent_derper.app import (
+    DEFAULT_MAX_PENDING_PER_IP,
     DEV_ADDR,
     Derper,
     DerperOptions,
@@ -33,6 +34,7 @@ from nodeagent_derper.app import (
     split_hostport,
 )
 from nodeagent_derper.server import DEFAULT_WRITE_TIMEOUT
+from nodeagent_derper.stun_ratelimit import DEFAULT_BURST, DEFAULT_GLOBAL_RATE, DEFAULT_RATE
 
 PROG = "derper"
 DEFAULT_CONFIG = "/var/lib/derper/derper.key"
@@ -109,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     boolean("stun", True, "run the STUN server (--stun=false disables)")
     boolean("stun-strict", False, "answer only Tailscale STUN requests (SOFTWARE tailnode + "
             "FINGERPRINT), as Tailscale's derper does")
+    flag("stun-rate-limit", type=float, default=DEFAULT_RATE, metavar="PER_SEC",
+         help="STUN replies per second to one source (IPv4 address or IPv6 /64), against "
+              f"use as a reflector (default {DEFAULT_RATE:g}; 0 = no per-source limit)")
+    flag("stun-rate-burst", type=int, default=DEFAULT_BURST, metavar="N",
+         help=f"STUN replies in a row to one source (default {DEFAULT_BURST})")
+    flag("stun-global-rate-limit", type=float, default=DEFAULT_GLOBAL_RATE, metavar="PER_SEC",
+         help="STUN replies per second to all sources together; burst one second's worth, "
+              f"at least --stun-rate-burst (default {DEFAULT_GLOBAL_RATE:g}; 0 = unlimited)")
     boolean("derp", True, "run the DERP relay (false: STUN and bootstrap-dns only)")
     boolean("dev", False, f"development mode: plain HTTP on {DEV_ADDR}, random key")
     flag("home", default="", help='/ page: "" default page, "blank", or a URL to redirect to')
@@ -126,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("tcp-write-timeout", type=parse_duration, default=DEFAULT_WRITE_TIMEOUT,
          metavar="DURATION", help="close a client whose writes make no progress for this long "
          "(default 2s; 0 disables)")
+    flag("max-pending-per-ip", type=int, default=DEFAULT_MAX_PENDING_PER_IP, metavar="N",
+         help="connections one source IP may hold open before logging in to DERP (HTTP "
+         "requests, TLS and DERP handshakes); more are closed at once (default %(default)s; "
+         "0 disables; not a Tailscale flag)")
     flag("mesh-psk-file", default="", help="file holding the mesh key (64 hex digits)")
     p.add_argument("-c", "--config", default="", help="private key file (JSON, created 0600 "
                    f"if missing; default {DEFAULT_CONFIG} when root)")
@@ -226,6 +240,14 @@ def options_from_args(ns: argparse.Namespace) -> DerperOptions:
             raise UsageError(f"{name} {port}: out of range")
     if not ns.accept_connection_limit > 0 or ns.accept_connection_burst < 1:
         raise UsageError("--accept-connection-limit must be > 0 and the burst ≥ 1")
+    if ns.max_pending_per_ip < 0:
+        raise UsageError(f"--max-pending-per-ip {ns.max_pending_per_ip}: must be ≥ 0")
+    for name, v in (("--stun-rate-limit", ns.stun_rate_limit),
+                    ("--stun-global-rate-limit", ns.stun_global_rate_limit)):
+        if not 0 <= v < math.inf:
+            raise UsageError(f"{name} {v:g}: must be ≥ 0 and finite (0 = unlimited)")
+    if ns.stun_rate_burst < 1:
+        raise UsageError(f"--stun-rate-burst {ns.stun_rate_burst}: must be ≥ 1")
     if ns.home and ns.home != "blank" and not ns.home.startswith(("http://", "https://")):
         raise UsageError('--home: want "", "blank", or an http(s):// URL')
     if ns.config:
@@ -245,14 +267,16 @@ def options_from_args(ns: argparse.Namespace) -> DerperOptions:
     return DerperOptions(
         private_key=key, addr=addr, hostname=ns.hostname, certmode=ns.certmode,
         certdir=ns.certdir or default_certdir(), http_port=ns.http_port, stun=ns.stun,
-        stun_port=ns.stun_port, stun_strict=ns.stun_strict, derp=ns.derp, dev=ns.dev,
+        stun_port=ns.stun_port, stun_strict=ns.stun_strict,
+        stun_rate_limit=ns.stun_rate_limit, stun_rate_burst=ns.stun_rate_burst,
+        stun_global_rate_limit=ns.stun_global_rate_limit, derp=ns.derp, dev=ns.dev,
         home=ns.home,
         bootstrap_dns_names=[n.strip() for n in ns.bootstrap_dns_names.split(",") if n.strip()],
         acme_directory=ns.acme_directory, acme_email=ns.acme_email,
         accept_connection_limit=ns.accept_connection_limit,
         accept_connection_burst=ns.accept_connection_burst, mesh_key=mesh,
         rate_limit_bytes_per_sec=rate, rate_limit_burst=burst,
-        write_timeout=ns.tcp_write_timeout)
+        write_timeout=ns.tcp_write_timeout, max_pending_per_ip=ns.max_pending_per_ip)
 
 
 async def serve(opts: DerperOptions) -> None:

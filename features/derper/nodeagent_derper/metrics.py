@@ -22,7 +22,8 @@ from prometheus_client import (
 
 from nodeagent.stun.codec import ACCEPTED_KINDS, DROP_REASONS
 
-STUN_DISPOSITIONS = ("success", *DROP_REASONS, "read_error", "write_error")
+# rate_limited: an accepted binding request not answered because of the reply rate limits.
+STUN_DISPOSITIONS = ("success", *DROP_REASONS, "rate_limited", "read_error", "write_error")
 
 
 class DerperMetrics:
@@ -58,6 +59,13 @@ class DerperMetrics:
         self.rejected = Counter("tls_listener_rejected_connections",
                                 "connections closed at once by the accept rate limit",
                                 registry=registry)
+        self.rejected_pending = Counter(
+            "derper_rejected_unauthenticated_connections",
+            "connections closed at once: their source IP already had --max-pending-per-ip "
+            "connections that had not logged in", registry=registry)
+        self.accept_errors = Counter("derper_accept_errors",
+                                     "failed accept() calls on the listeners (e.g. out of file "
+                                     "descriptors)", registry=registry)
         self.bootstrap_dns_requests = Counter("bootstrap_dns_requests",
                                               "requests to /bootstrap-dns", registry=registry)
         self.acme_renewals = Counter("derper_acme_certificates_obtained",

@@ -3,10 +3,11 @@
 How the raw ``Upgrade: DERP`` stream is taken from aiohttp: the handler swaps the connection's
 asyncio protocol (``request.transport.set_protocol``) for a :class:`RawConn`, writes the raw
 ``101 Switching Protocols`` (none under fast start), and keeps the handler awaiting the DERP
-connection's end; aiohttp then finds the transport closed and writes nothing more. aiohttp's
-HTTP parser only supports ``websocket`` upgrades, so bytes that arrive in the same read as the
-request (a fast-start client pipelining ClientInfo) would be swallowed by it: listeners that
-need reliable fast start wrap aiohttp's protocol factory with
+connection's end; aiohttp then finds the transport closed and writes nothing more. The RawConn
+passes ``connection_lost`` on to the protocol it replaced, so aiohttp forgets the connection.
+aiohttp's HTTP parser only supports ``websocket`` upgrades, so bytes that arrive in the same
+read as the request (a fast-start client pipelining ClientInfo) would be swallowed by it:
+listeners that need reliable fast start wrap aiohttp's protocol factory with
 :meth:`DerpServer.wrap_protocol_factory`, which holds such bytes back and hands them to the
 DERP connection. The WebSocket variant uses ``aiohttp.web.WebSocketResponse(protocols=("derp",))``.
 """
@@ -77,6 +78,9 @@ class DerpServer:
         self.watchers: set[Conn] = set()
         self.dirty: list[Conn] = []
         self.held: dict[Any, SniffProtocol] = {}
+        # Called with each connection that completes its login (the app frees the connection's
+        # not-yet-authenticated slot).
+        self.on_login: Callable[[Conn], None] | None = None
         self._closing = False
         # counters (plain ints: the hot path must not pay for a metrics library)
         self.accepts = 0
@@ -118,7 +122,7 @@ class DerpServer:
         sniff = self.held.pop(transport, None)
         early = sniff.take() if sniff is not None else b""
         conn = RawConn(self, transport, transport.get_extra_info("peername"),
-                       bool(request.headers.get("Ideal-Node")))
+                       bool(request.headers.get("Ideal-Node")), transport.get_protocol())
         transport.set_protocol(conn)
         self.accepts += 1
         if not fast:

@@ -261,6 +261,8 @@ class Conn:
         self.send_ctrl(F.encode_server_info(srv.private_key, self.key, srv.server_info))
         srv.register(self)
         self._arm_keepalive()
+        if srv.on_login is not None:
+            srv.on_login(self)
 
     def handle(self, ftype: int, payload: bytes) -> None:
         srv = self.srv
@@ -435,14 +437,22 @@ class Conn:
 
 
 class RawConn(Conn, asyncio.Protocol):
-    """DERP over the hijacked TCP/TLS stream: this object becomes the transport's protocol."""
+    """DERP over the hijacked TCP/TLS stream: this object becomes the transport's protocol.
 
-    __slots__ = ("transport",)
+    ``http_protocol`` is the protocol this connection replaced (aiohttp's request handler, or the
+    fast-start sniffer around it). It is told when the transport closes, exactly once, so aiohttp
+    drops the connection from its table: without that every connection ever served stays
+    referenced by the HTTP server (a leak any stranger could drive).
+    """
+
+    __slots__ = ("transport", "http_protocol")
 
     def __init__(self, srv: DerpServer, transport: asyncio.Transport,
-                 remote: tuple[Any, ...] | None, not_ideal: bool) -> None:
+                 remote: tuple[Any, ...] | None, not_ideal: bool,
+                 http_protocol: asyncio.BaseProtocol | None = None) -> None:
         Conn.__init__(self, srv, remote, not_ideal)
         self.transport = transport
+        self.http_protocol = http_protocol
 
     def data_received(self, data: bytes) -> None:
         self.on_data(data)
@@ -452,6 +462,9 @@ class RawConn(Conn, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.on_lost()
+        http, self.http_protocol = self.http_protocol, None
+        if http is not None:
+            http.connection_lost(exc)
 
     def _write_now(self, data: bytes) -> None:
         self.transport.write(data)

@@ -1,8 +1,26 @@
 """The derper's STUN server: UDP sockets (IPv4 and IPv6-only) answering binding requests.
 
 Owns the datagram protocol and socket setup. Classification and response bytes come from the
-sans-IO ``nodeagent.stun.codec``; every datagram is counted by disposition, answered ones also by
-address family and client kind. Nothing is logged per packet.
+sans-IO ``nodeagent.stun.codec``, the answer-or-refuse decision from the sans-IO
+``nodeagent_derper.stun_ratelimit``; every datagram is counted by disposition, answered ones also
+by address family and client kind. Nothing is logged per packet.
+
+Anti-reflection. UDP sources can be spoofed, so a STUN server is a potential reflector: the
+reply goes to whoever the request claims to come from. Two rules bound what it can be used for:
+
+- **Size.** For every request answered, ``len(reply) <= len(request) + A``, where ``A`` is the
+  size of one XOR-MAPPED-ADDRESS attribute for the source's address family
+  (``codec.mapped_address_attr_len``): 12 bytes for IPv4, 24 for IPv6. The reply is a 20-byte
+  header plus exactly that one attribute (an RFC 3489 reply carries a MAPPED-ADDRESS of the same
+  size) — no padding, no SOFTWARE or other attribute — and nothing shorter than a 20-byte header
+  is ever answered, so the rule holds for every accepted request and no accepted request has to
+  be refused for its size. A bare 20-byte RFC 5389 request gets 32 bytes (IPv4) or 44 (IPv6),
+  the rule's limit; Tailscale's 40-byte request (header + SOFTWARE ``tailnode`` + FINGERPRINT)
+  gets the same 32/44 bytes, less than it sent. One request never gets more than one datagram.
+- **Rate.** Replies are capped per source (IPv4 address / IPv6 /64) and globally by token
+  buckets (``StunRateLimits``; defaults far above what netcheck needs). A request over a limit is
+  not answered, is counted as ``stun_requests_total{disposition="rate_limited"}``, and refusals
+  are logged as one summary line at most once per ``REFUSAL_LOG_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -18,20 +36,33 @@ from nodeagent.stun.codec import (
     parse_binding_request,
 )
 from nodeagent_derper.metrics import DerperMetrics
+from nodeagent_derper.stun_ratelimit import (
+    ALLOWED,
+    RefusalReport,
+    StunRateLimits,
+    StunReplyLimiter,
+)
 
 log = logging.getLogger("derper.stun")
 
 
 class StunProtocol(asyncio.DatagramProtocol):
-    """Answers binding requests on one socket; ignores and counts everything else."""
+    """Answers binding requests on one socket (those ``limiter`` allows, when given); ignores
+    and counts everything else. ``report`` throttles the refusal log lines."""
 
-    __slots__ = ("_strict", "_m", "_success", "_write_error", "transport")
+    __slots__ = ("_strict", "_m", "_success", "_write_error", "_rate_limited", "_limiter",
+                 "_report", "transport")
 
-    def __init__(self, metrics: DerperMetrics, *, strict: bool = False) -> None:
+    def __init__(self, metrics: DerperMetrics, *, strict: bool = False,
+                 limiter: StunReplyLimiter | None = None,
+                 report: RefusalReport | None = None) -> None:
         self._strict = strict
         self._m = metrics
         self._success = metrics.stun["success"]
         self._write_error = metrics.stun["write_error"]
+        self._rate_limited = metrics.stun["rate_limited"]
+        self._limiter = limiter
+        self._report = report if report is not None else RefusalReport()
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -43,6 +74,14 @@ class StunProtocol(asyncio.DatagramProtocol):
             self._m.stun[kind].inc()
             return
         host, port = addr[0], addr[1]
+        if self._limiter is not None:
+            verdict = self._limiter.check(host)
+            if verdict != ALLOWED:
+                self._rate_limited.inc()
+                msg = self._report.note(verdict, host)
+                if msg is not None:
+                    log.warning("%s", msg)
+                return
         try:
             resp = build_response_for(kind, txid, host, port)
             self.transport.sendto(resp, addr)  # type: ignore[union-attr]
@@ -85,10 +124,14 @@ def stun_bind_hosts(listen_host: str) -> list[tuple[int, str]]:
 
 
 async def start_stun(listen_host: str, port: int, metrics: DerperMetrics, *,
-                     strict: bool = False) -> list[asyncio.DatagramTransport]:
+                     strict: bool = False, limits: StunRateLimits | None = StunRateLimits()
+                     ) -> list[asyncio.DatagramTransport]:
     """Open the STUN sockets; an IPv6 wildcard that cannot be opened (no IPv6 on the host) is
-    skipped, any other bind failure raises ``OSError``."""
+    skipped, any other bind failure raises ``OSError``. ``limits`` caps the replies (one
+    limiter and one refusal log shared by all sockets); ``None`` or all rates 0 = unlimited."""
     loop = asyncio.get_running_loop()
+    limiter = StunReplyLimiter(limits) if limits is not None and limits.enabled else None
+    report = RefusalReport()
     transports: list[asyncio.DatagramTransport] = []
     pairs = stun_bind_hosts(listen_host)
     try:
@@ -102,7 +145,8 @@ async def start_stun(listen_host: str, port: int, metrics: DerperMetrics, *,
                 raise OSError(e.errno, f"STUN: cannot listen on UDP {host}:{port}: "
                               f"{e.strerror}") from None
             tr, _ = await loop.create_datagram_endpoint(
-                lambda: StunProtocol(metrics, strict=strict), sock=sock)
+                lambda: StunProtocol(metrics, strict=strict, limiter=limiter, report=report),
+                sock=sock)
             transports.append(tr)
             if port == 0:
                 port = sock.getsockname()[1]  # same port for the second family
