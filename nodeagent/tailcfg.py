@@ -3,16 +3,29 @@
 Shapes follow Tailscale's ``tailcfg`` package so JSON and LocalAPI output keep Tailscale's names.
 Types are plain dataclasses; the control protocol encodes them with msgpack via ``to_wire`` /
 ``from_wire`` and the LocalAPI renders them through ``nodeagent.ipn.status``.
+
+Endpoints (``"ip:port"``, ``"[ipv6]:port"``) are checked by one function, :func:`check_endpoint`,
+on both sides: the control server refuses a node that advertises a bad one, and a node drops
+bad ones from the peers of a netmap (:func:`drop_bad_endpoints`) before using them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodeagent.packet.parse import parse_endpoint
+
 # Node attribute (CapMap key) that switches connection-rejection diagnostics on.
 NODE_ATTR_CONN_REJECT = "debug-conn-reject"
+
+# How many endpoints one node may advertise (control refuses more; a node uses no more of a
+# peer's), and the longest endpoint text ("[" + 45-character IPv6 + "]:65535" fits).
+MAX_ENDPOINTS = 32
+MAX_ENDPOINT_LEN = 64
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 @dataclass
@@ -196,3 +209,59 @@ def netmap_from_wire(data: Any) -> NetworkMap:
     }
     nm.Domain = str(data.get("Domain") or "")
     return nm
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+def check_endpoint(text: Any) -> tuple[str, int]:
+    """An endpoint a node may advertise and a peer may send to → ``(address text, port)``.
+
+    The syntax is ``nodeagent.packet.parse_endpoint``'s (``ip:port``, ``[ipv6]:port``); on top,
+    the text is at most :data:`MAX_ENDPOINT_LEN` characters, the port is 1-65535, an IPv6
+    address has no zone, and the address is unicast (not unspecified, multicast or the IPv4
+    broadcast address). Raises ValueError with a short reason and nothing else, whatever
+    ``text`` is.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"endpoint is {type(text).__name__}, not text")
+    if len(text) > MAX_ENDPOINT_LEN:
+        raise ValueError(f"endpoint of {len(text)} characters is over the {MAX_ENDPOINT_LEN} "
+                         "limit")
+    if not text.isascii() or "%" in text:
+        raise ValueError(f"{text!r} is not ip:port (no zones, ASCII only)")
+    version, ip, port = parse_endpoint(text)  # ValueError naming the problem
+    if port == 0:
+        raise ValueError(f"port 0 is not a destination in {text!r}")
+    addr = ipaddress.ip_address(ip) if version == 4 else ipaddress.IPv6Address(ip)
+    if addr.is_unspecified or addr.is_multicast or addr == _BROADCAST:
+        raise ValueError(f"{text!r}: {addr} is not a unicast address")
+    return str(addr), port
+
+
+def drop_bad_endpoints(nm: NetworkMap) -> tuple[NetworkMap, int, str]:
+    """``nm`` with every peer's Endpoints cut to the ones :func:`check_endpoint` accepts (the
+    first :data:`MAX_ENDPOINTS` of them), how many were dropped, and the first reason.
+
+    Peers that need no change are shared with ``nm``; ``nm`` itself is left untouched.
+    """
+    dropped, first = 0, ""
+    peers: list[Node] = []
+    for p in nm.Peers:
+        good: list[str] = []
+        who = f"peer {str(p.HostName or p.ID)[:63]!r}"
+        for i, ep in enumerate(p.Endpoints):
+            if len(good) == MAX_ENDPOINTS:
+                dropped += len(p.Endpoints) - i
+                first = first or f"{who}: more than {MAX_ENDPOINTS} endpoints"
+                break
+            try:
+                check_endpoint(ep)
+            except ValueError as e:
+                dropped += 1
+                first = first or f"{who}: {e}"
+                continue
+            good.append(ep)
+        peers.append(p if len(good) == len(p.Endpoints) else dataclasses.replace(p, Endpoints=good))
+    if not dropped:
+        return nm, 0, ""
+    return dataclasses.replace(nm, Peers=peers), dropped, first

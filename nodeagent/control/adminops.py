@@ -1,5 +1,5 @@
-"""Administrator operations of the coordination server: auth keys, node lookup, deletion,
-expiry, c2n requests, and the admin view of a node.
+"""Administrator operations of the coordination server: auth keys, node lookup, deletion (which
+revokes the node key), expiry, c2n requests, and the admin view of a node.
 
 Owns the semantics behind the admin API; ``ControlServer`` mixes this class in, and
 ``admin_routes`` exposes it over HTTP.
@@ -80,7 +80,10 @@ class AdminOps:
         return hits[0]
 
     async def delete_node(self, sel: str) -> NodeRecord:
+        """Delete a node; its node key is revoked for good (the machine may log in again with a
+        new node key)."""
         rec = self.find_node(sel)
+        self.store.revoke_node_key(rec.node_key, time.time())
         self.store.delete_node(rec.id)
         sess = self.sessions.get(rec.id)
         self.changed()

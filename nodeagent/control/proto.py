@@ -16,13 +16,17 @@ shared secret of the machine key and the server key) proves possession of the ma
 hides the content, and is answered with a box only that machine can open. Inside every box is
 ``{"D": direction, "S": sequence, "T": unix time, "M": message}``: the direction tag stops a
 message being reflected back at its sender, strictly increasing sequence numbers stop replays
-within a stream, and the server accepts a stand-alone request only if ``T`` is within
-:data:`MAX_CLOCK_SKEW` of its clock. A map stream starts with a plaintext hello carrying a random
-challenge that the client's first (sealed) message must echo, so a recorded stream cannot be
-replayed. Node keys are bound to a machine key at registration: a request naming a node key that
-belongs to another machine is refused, so a node can neither impersonate another node key nor
-receive another node's map or c2n traffic. Errors before authentication are plaintext
-``{"Error": text}``; they carry no tailnet data.
+within a stream, and the server accepts a stand-alone request (registration) only if ``T`` is at
+most :data:`MAX_CLOCK_SKEW` seconds old and at most :data:`MAX_FUTURE_SKEW` seconds ahead of its
+clock. Each box carries a random 24-byte nonce that the box authenticates; the server remembers
+the :func:`replay_key` (machine key + nonce) of every stand-alone request for as long as its
+timestamp is acceptable and refuses the same request a second time (``nodeagent.control.replay``).
+A map stream starts with a plaintext hello carrying a random challenge that the client's first
+(sealed) message must echo, so a recorded stream cannot be replayed. Node keys are bound to a
+machine key at registration: a request naming a node key that belongs to another machine is
+refused, so a node can neither impersonate another node key nor receive another node's map or
+c2n traffic; the node key of a node an admin deleted is refused for good. Errors before
+authentication are plaintext ``{"Error": text}``; they carry no tailnet data.
 
 The capability version (``nodeagent.version.CAPABILITY_VERSION``) travels in the URL and in every
 envelope; a server refuses versions below :data:`MIN_CAPABILITY_VERSION` with a message naming
@@ -31,6 +35,8 @@ both numbers.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -43,7 +49,9 @@ from nacl.public import Box, PrivateKey, PublicKey
 from nodeagent.tailcfg import NetworkMap, netmap_from_wire
 
 MIN_CAPABILITY_VERSION = 139
-MAX_CLOCK_SKEW = 300.0
+MAX_CLOCK_SKEW = 300.0  # how old a stand-alone request may be (seconds)
+MAX_FUTURE_SKEW = 60.0  # how far ahead of the server's clock it may be dated
+NONCE_LEN = 24  # the NaCl box nonce that starts every sealed message
 MAX_MESSAGE = 16 << 20
 CHALLENGE_LEN = 16
 
@@ -205,6 +213,21 @@ def decode_key_reply(data: bytes) -> bytes:
 
 # --- the sealed channel ----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Request:
+    """A stand-alone request opened by :meth:`Channel.open_request`."""
+
+    message: Any
+    stamp: float  # the sender's unix time ``T``
+    nonce: bytes  # the box's nonce: unique per sealed message
+
+
+def replay_key(machine_key: bytes, nonce: bytes) -> bytes:
+    """The name of one sealed request for replay detection: a box from one machine key with one
+    nonce can only be the same box again (the nonce is authenticated by the box)."""
+    return hashlib.blake2b(machine_key + nonce, digest_size=16).digest()
+
+
 class Channel:
     """One direction-tagged, sequence-numbered NaCl box channel between a machine and the server.
 
@@ -227,8 +250,27 @@ class Channel:
         inner = pack({"D": self._send_dir, "S": self._send_seq, "T": time.time(), "M": message})
         return bytes(self._box.encrypt(inner, os.urandom(24)))
 
-    def open(self, data: bytes, *, max_skew: float | None = None) -> Any:
-        """Decrypt and check direction, ordering and (optionally) freshness; returns ``M``."""
+    def open(self, data: bytes, *, max_skew: float | None = None,
+             max_ahead: float | None = None) -> Any:
+        """Decrypt and check direction, ordering and (optionally) freshness; returns ``M``.
+
+        With ``max_skew`` the timestamp may be that many seconds old and ``max_ahead`` (default:
+        ``max_skew``) seconds in the future."""
+        if max_skew is None:
+            return self._open(data, None, None, 0.0)[0]
+        ahead = max_skew if max_ahead is None else max_ahead
+        return self._open(data, max_skew, ahead, time.time())[0]
+
+    def open_request(self, data: bytes, *, max_age: float = MAX_CLOCK_SKEW,
+                     max_ahead: float = MAX_FUTURE_SKEW, now: float | None = None) -> Request:
+        """Open a stand-alone request: as :meth:`open` with a freshness check (``max_age``
+        seconds old, ``max_ahead`` seconds ahead of ``now``), also giving its timestamp and
+        nonce (for :func:`replay_key`)."""
+        m, ts = self._open(data, max_age, max_ahead, time.time() if now is None else now)
+        return Request(m, ts, bytes(data[:NONCE_LEN]))
+
+    def _open(self, data: bytes, max_age: float | None, max_ahead: float | None,
+              now: float) -> tuple[Any, float]:
         if not isinstance(data, bytes | bytearray | memoryview) or len(data) < 40:
             raise ProtoError("sealed message too short")
         try:
@@ -241,11 +283,18 @@ class Channel:
         seq, ts = inner.get("S"), inner.get("T")
         if isinstance(seq, bool) or not isinstance(seq, int) or seq <= self._recv_seq:
             raise ProtoError("sealed message replayed or out of order")
-        if max_skew is not None and (not isinstance(ts, int | float) or isinstance(ts, bool)
-                                     or abs(time.time() - ts) > max_skew):
-            raise ProtoError("request timestamp is too far from the server's clock")
+        stamp = 0.0
+        if max_age is not None:
+            if isinstance(ts, bool) or not isinstance(ts, int | float) or not (
+                    now - max_age <= ts < math.inf):  # also false for NaN
+                raise ProtoError("request timestamp is too far from the server's clock "
+                                 f"(more than {max_age:g}s old or unreadable)")
+            stamp = float(ts)
+            if max_ahead is not None and stamp - now > max_ahead:
+                raise ProtoError(f"request is dated {stamp - now:.0f}s in the future, more "
+                                 f"than {max_ahead:g}s ahead of the server's clock")
         self._recv_seq = seq
-        return inner.get("M")
+        return inner.get("M"), stamp
 
 
 def new_challenge() -> bytes:

@@ -4,6 +4,12 @@ Owns the server process's state in memory (open map sessions, the active policy)
 ``Store``, and the node-facing HTTP/WebSocket endpoints described in ``nodeagent.control.proto``.
 Admin operations live in ``adminops`` (a mixin), their HTTP API in ``admin_routes``.
 
+Everything a node says about itself is checked by ``validate`` before it is stored or sent to
+peers (HTTP 400, or a fatal ``error`` on the map stream, naming the field). A registration is
+refused when it was already seen (``replay.NonceCache``, in memory, for the timestamp window),
+when it is dated too far from the server's clock, or when it names the revoked node key of a
+deleted node (kept in the store); every refusal is one line to the client and one log line.
+
 State dir layout: ``control.db`` (SQLite, 0600; the server key is a setting in it),
 ``admin-token`` (0600) and ``control-url`` (where the running server listens, for the CLI).
 
@@ -28,10 +34,12 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from nacl.public import PrivateKey
 
-from nodeagent.control import mapper, proto
+from nodeagent.control import mapper, proto, validate
 from nodeagent.control.adminops import AdminError, AdminOps, hash_authkey
 from nodeagent.control.policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
+from nodeagent.control.replay import NonceCache
 from nodeagent.control.store import AuthKeyRecord, NodeRecord, SQLiteStore, Store
+from nodeagent.netguard import raise_nofile_limit, request_timeout, throttle_accept_errors
 
 log = logging.getLogger("nodeagent.control.server")
 
@@ -96,6 +104,7 @@ class ControlServer(AdminOps):
         self._dirty = False
         self._broadcast_task: asyncio.Task[None] | None = None
         self._ephemeral: dict[int, asyncio.TimerHandle] = {}
+        self._nonces = NonceCache(proto.MAX_CLOCK_SKEW)
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.app = self._make_app()
@@ -144,7 +153,12 @@ class ControlServer(AdminOps):
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        # Strangers reach this port: idle sockets must not pile up (request deadline), the fd
+        # limit is the hard one, and accept failures are logged once per interval.
+        raise_nofile_limit()
+        throttle_accept_errors(asyncio.get_running_loop(), log)
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                                     keepalive_timeout=request_timeout())
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -224,18 +238,25 @@ class ControlServer(AdminOps):
     async def _h_register(self, req: web.Request) -> web.Response:
         problem = proto.version_problem(_query_version(req))
         if problem:
-            return self._err(400, problem)
+            return self._refuse_register(req, None, 400, problem)
+        mkey: bytes | None = None
         try:
             env = proto.decode_envelope(await req.read())
+            mkey = env.machine_key
             chan = proto.Channel(self._server_private, env.machine_key, server=True)
-            m = proto.check_message(chan.open(env.sealed, max_skew=proto.MAX_CLOCK_SKEW),
-                                    frozenset(("register",)))
+            r = chan.open_request(env.sealed)
+            # Authentic and fresh: this exact request is now used, whatever becomes of it.
+            replayed = self._nonces.admit(proto.replay_key(env.machine_key, r.nonce), r.stamp)
+            if replayed:
+                raise proto.ProtoError(replayed)
+            m = validate.check_node_fields(proto.check_message(r.message,
+                                                               frozenset(("register",))))
         except proto.ProtoError as e:
-            return self._err(400, str(e))
+            return self._refuse_register(req, mkey, 400, str(e))
         try:
             rec = self._register(env.machine_key.hex(), m)
         except AdminError as e:
-            return self._err(e.status, str(e))
+            return self._refuse_register(req, mkey, e.status, str(e))
         if rec.ephemeral and rec.id not in self.sessions:
             self._schedule_ephemeral_drop(rec.id)  # also goes if it never connects
         self.changed()
@@ -245,9 +266,18 @@ class ControlServer(AdminOps):
         return web.Response(body=proto.pack({"Sealed": body}),
                             content_type="application/msgpack")
 
+    def _refuse_register(self, req: web.Request, mkey: bytes | None, status: int,
+                         text: str) -> web.Response:
+        who = ("mkey:" + mkey.hex()[:16] + "…") if mkey is not None else "unknown machine"
+        log.warning("registration from %s (%s) refused: %s", who, req.remote, text)
+        return self._err(status, text)
+
     def _register(self, mkey: str, m: dict[str, Any]) -> NodeRecord:
         nkey = m["NodeKey"].hex()
         now = time.time()
+        if self.store.node_key_revoked(nkey):
+            raise AdminError(403, "this node key was revoked when its node was deleted; log in "
+                                  "again with a new node key")
         mine = self.store.node_by_machine(mkey)
         other = self.store.node_by_node_key(nkey)
         if other is not None and other.machine_key != mkey:
@@ -345,6 +375,12 @@ class ControlServer(AdminOps):
         except proto.ProtoError as e:
             await ws.send_bytes(proto.encode_error(str(e)))
             return None
+        try:
+            validate.check_node_fields(m)
+        except validate.FieldError as e:
+            log.warning("map request from mkey:%s… refused: %s", env.machine_key.hex()[:16], e)
+            await ws.send_bytes(chan.seal(proto.msg("error", Error=str(e), Fatal=True)))
+            return None
         rec = self.store.node_by_machine(env.machine_key.hex())
         problem = None
         if rec is None:
@@ -389,6 +425,17 @@ class ControlServer(AdminOps):
                 except proto.ProtoError as e:
                     log.info("node %d: dropping stream: %s", sess.node_id, e)
                     return
+                try:
+                    validate.check_node_fields(m)
+                except validate.FieldError as e:
+                    if m["Type"] == "c2n-response":  # the admin waiting for it hears why
+                        self._c2n_failed(sess, m["ID"], str(e))
+                        continue
+                    log.warning("node %d: refused %s, closing its stream: %s", sess.node_id,
+                                m["Type"], e)
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await sess.send(proto.msg("error", Error=str(e), Fatal=True))
+                    return
                 self._on_client_message(sess, m)
         except TimeoutError:
             log.info("node %d: stream silent for too long", sess.node_id)
@@ -412,6 +459,12 @@ class ControlServer(AdminOps):
                 rec.home_derp = m["HomeDERP"]
             self.store.update_node(rec)
             self.changed()
+
+    def _c2n_failed(self, sess: _Session, cid: int, why: str) -> None:
+        log.warning("node %d: bad c2n response: %s", sess.node_id, why)
+        fut = sess.pending.get(cid)
+        if fut is not None and not fut.done():
+            fut.set_exception(AdminError(502, f"the node's c2n response was refused: {why}"))
 
     async def _keepalives(self, sess: _Session) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):

@@ -4,8 +4,9 @@ Owns the ``Store`` protocol (the one seam a server database would replace) and i
 SQLite implementation, plus tailnet address allocation. Addresses belong to a *machine key*: a
 machine that logs in again, or is deleted and re-registered, gets the same IPv4 and IPv6 address
 back. IPv6 addresses embed the IPv4 address in the last 32 bits of ``fd7a:115c:a1e0::/48`` so the
-two stay in step. The store is synchronous and local; calls are short and made from the event
-loop thread.
+two stay in step. Node keys of nodes an admin deleted are kept as *revoked* (persistently), so a
+replayed or stale registration cannot bring such a node back. The store is synchronous and local;
+calls are short and made from the event loop thread.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Store(Protocol):
     def update_node(self, rec: NodeRecord) -> None: ...
     def delete_node(self, node_id: int) -> None: ...
     def addresses_for(self, machine_key: str) -> tuple[str, str]: ...
+    def revoke_node_key(self, node_key: str, when: float) -> None: ...
+    def node_key_revoked(self, node_key: str) -> bool: ...
     def add_authkey(self, rec: AuthKeyRecord) -> AuthKeyRecord: ...
     def authkey_by_hash(self, key_hash: str) -> AuthKeyRecord | None: ...
     def update_authkey(self, rec: AuthKeyRecord) -> None: ...
@@ -95,6 +98,7 @@ CREATE TABLE IF NOT EXISTS nodes (
   node_key TEXT NOT NULL UNIQUE, name TEXT NOT NULL UNIQUE, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS authkeys (
   id INTEGER PRIMARY KEY AUTOINCREMENT, key_hash TEXT NOT NULL UNIQUE, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked_node_keys (node_key TEXT PRIMARY KEY, revoked REAL NOT NULL);
 """
 
 _NODE_COLS = ("id", "machine_key", "node_key", "name")
@@ -181,6 +185,15 @@ class SQLiteStore:
         self.db.execute("INSERT INTO addresses(machine_key, ipv4, ipv6) VALUES(?, ?, ?)",
                         (machine_key, v4, v6))
         return v4, v6
+
+    # revoked node keys
+    def revoke_node_key(self, node_key: str, when: float) -> None:
+        self.db.execute("INSERT OR IGNORE INTO revoked_node_keys(node_key, revoked) "
+                        "VALUES(?, ?)", (node_key, when))
+
+    def node_key_revoked(self, node_key: str) -> bool:
+        return self.db.execute("SELECT 1 FROM revoked_node_keys WHERE node_key=?",
+                               (node_key,)).fetchone() is not None
 
     # auth keys
     @staticmethod

@@ -7,7 +7,10 @@ socket runs of datagrams from one source glued together, with the segment size i
 message; ``split_gro`` cuts them apart again. The grouping and splitting here are pure functions
 (tested without sockets); ``UdpOffload`` holds the per-socket switches and the fallbacks: a
 device without checksum offload answers a GSO send with EIO, after which GSO stays off for the
-socket, exactly the datagrams of that send are retried one by one and nothing is lost.
+socket, exactly the datagrams of that send are retried one by one and nothing is lost. A
+destination the socket cannot even try (a port outside 0-65535, a malformed address, one of the
+other address family) drops the datagrams of that group only, counted as ``bad_destination``;
+``send`` never raises.
 
 ``NODEAGENT_UDP_OFFLOAD=0`` in the environment turns both off (for comparison and for kernels
 or middleboxes that misbehave).
@@ -84,27 +87,36 @@ def gro_segment_size(ancdata: list[tuple[int, int, bytes]]) -> int:
     return 0
 
 
+class BadDestination(OSError):
+    """A destination the socket cannot even try: a port outside 0-65535, an address of the wrong
+    shape, type or family. Returned (never raised) by ``UdpOffload.send``."""
+
+
 class UdpOffload:
     """Which offloads one socket uses, switched on at open and off on the first refusal."""
 
     __slots__ = ("gso", "gro", "counters")
 
     def __init__(self, sock: socket.socket, *, enabled: bool | None = None) -> None:
-        self.counters = {"gso_sends": 0, "gso_fallbacks": 0, "gro_buffers": 0}
+        self.counters = {"gso_sends": 0, "gso_fallbacks": 0, "gro_buffers": 0,
+                         "bad_destination": 0}
         want = offload_enabled(UDP_OFFLOAD_ENV) if enabled is None else enabled
         self.gso = want and _try_setsockopt(sock, UDP_SEGMENT, 0)
         self.gro = want and _try_setsockopt(sock, UDP_GRO, 1)
 
     def send(self, sock: socket.socket, ep: Any, segs: list[bytes]) -> tuple[int, OSError | None]:
         """Send one group from ``gso_groups``. Returns how many datagrams failed and the last
-        failure whose errno is not one of ``QUIET_SEND_ERRNOS`` (for the caller to log);
-        never raises."""
+        failure whose errno is not one of ``QUIET_SEND_ERRNOS`` (for the caller to log), or a
+        :class:`BadDestination` when ``ep`` cannot be sent to at all (the whole group is
+        dropped); never raises."""
         if len(segs) > 1 and self.gso:
             try:
                 sock.sendmsg([b"".join(segs)],
                              [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(len(segs[0])))], 0, ep)
                 self.counters["gso_sends"] += 1
                 return 0, None
+            except _BAD_DESTINATION as e:
+                return self._bad_destination(ep, e, len(segs))
             except OSError as e:
                 if e.errno not in _GSO_REFUSALS:
                     return len(segs), _loud(e)
@@ -116,19 +128,31 @@ class UdpOffload:
                 self.counters["gso_fallbacks"] += 1
         failed = 0
         loud: OSError | None = None
-        for d in segs:
+        for i, d in enumerate(segs):
             try:
                 sock.sendto(d, ep)
+            except _BAD_DESTINATION as e:
+                # The destination itself is unusable: so is every datagram still to go to it.
+                bad_n, bad = self._bad_destination(ep, e, len(segs) - i)
+                return failed + bad_n, bad
             except OSError as e:
                 failed += 1
                 loud = _loud(e) or loud
         return failed, loud
+
+    def _bad_destination(self, ep: Any, e: Exception, n: int) -> tuple[int, OSError]:
+        self.counters["bad_destination"] += n
+        return n, BadDestination(errno.EINVAL, f"bad destination {str(ep)[:80]}: {e}")
 
 
 # A full buffer or an unreachable peer is a drop, as on any UDP path; nothing worth a log line.
 QUIET_SEND_ERRNOS = frozenset((errno.EAGAIN, errno.ENOBUFS, errno.ENETUNREACH, errno.EHOSTUNREACH,
                                errno.ECONNREFUSED, errno.EPERM, errno.EINVAL, errno.EAFNOSUPPORT,
                                errno.EMSGSIZE))
+# What socket calls raise for a destination they cannot even try: a port outside 0-65535
+# (OverflowError), an address of the wrong shape or type, one of the other address family
+# (gaierror; numeric addresses never reach a resolver).
+_BAD_DESTINATION = (OverflowError, TypeError, ValueError, socket.gaierror)
 _GSO_REFUSALS = (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 

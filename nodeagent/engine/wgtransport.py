@@ -6,12 +6,17 @@ loop's reader callback and the decrypted packets of one batch go to the engine t
 go straight to the socket (a full socket buffer drops and counts, as UDP would). Where the kernel
 offers them, UDP GSO and GRO (``udpbatch``) cut the syscalls per datagram. A timer drives the
 protocol's timers (handshake retries, keepalives, rekeys, expiry).
+
+A peer's endpoint is the first of its configured ones that ``tailcfg.check_endpoint`` accepts
+(and the socket's family can reach); the others are ignored with one log line per
+``configure``. Sending never raises: a destination the socket refuses outright drops the
+datagrams to it (counted as ``bad_destination``, logged once per destination) and the rest of
+the batch still goes out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -21,6 +26,7 @@ from typing import Any
 from nodeagent.engine.core import PeerConfig, PeerState
 from nodeagent.engine.udpbatch import (
     GRO_CMSG_SPACE,
+    BadDestination,
     UdpOffload,
     gro_segment_size,
     gso_groups,
@@ -28,6 +34,7 @@ from nodeagent.engine.udpbatch import (
 )
 from nodeagent.engine.wireguard import PeerSpec, WGConfig, WireGuardCore
 from nodeagent.keys import NODE_PREFIX, parse_public
+from nodeagent.tailcfg import check_endpoint
 
 log = logging.getLogger("nodeagent.wireguard")
 
@@ -35,6 +42,7 @@ READ_BATCH = 128
 TICK_INTERVAL = 0.25
 RECV_SIZE = 65535
 SOCKET_BUFFER = 4 << 20
+MAX_BAD_DESTINATIONS_LOGGED = 64  # distinct bad destinations logged (each once) per transport
 
 Deliver = Callable[[str, list[bytes]], None]  # (peer key text, plaintext packets)
 
@@ -55,7 +63,8 @@ class WireGuardTransport:
         self._keys: dict[str, bytes] = {}  # "nodekey:hex" → raw public key
         self._names: dict[bytes, str] = {}
         self.counters = {"rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0,
-                         "no_endpoint": 0}
+                         "no_endpoint": 0, "bad_destination": 0}
+        self._bad_logged: set[str] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
@@ -107,6 +116,7 @@ class WireGuardTransport:
     def configure(self, peers: list[PeerConfig]) -> None:
         specs = []
         keys: dict[str, bytes] = {}
+        bad: list[str] = []
         for p in peers:
             try:
                 raw = parse_public(p.key, NODE_PREFIX)
@@ -114,21 +124,25 @@ class WireGuardTransport:
                 log.error("peer %s: %s", p.name or p.key, e)
                 continue
             keys[p.key] = raw
-            specs.append(PeerSpec(raw, endpoint=self._endpoint(p.endpoints)))
+            specs.append(PeerSpec(raw, endpoint=self._endpoint(p.endpoints, bad)))
+        if bad:
+            log.warning("ignored %d invalid peer endpoint(s), first: %s", len(bad), bad[0])
         self._keys = keys
         self._names = {v: k for k, v in keys.items()}
         self.core.set_peers(specs)
 
-    def _endpoint(self, endpoints: list[str]) -> tuple[str, int] | None:
+    def _endpoint(self, endpoints: list[str], bad: list[str]) -> tuple[str, int] | None:
+        """The first usable endpoint as a socket address; the reasons for skipped invalid ones
+        go to ``bad``."""
         for ep in endpoints:
             try:
-                host, _, port = ep.rpartition(":")
-                addr = ipaddress.ip_address(host.strip("[]"))
-                if addr.version == 6 and not self._v6:
-                    continue
-                return self._sockaddr(str(addr), int(port))
-            except ValueError:
-                log.warning("endpoint %r: not ip:port", ep)
+                host, port = check_endpoint(ep)
+            except ValueError as e:
+                bad.append(str(e))
+                continue
+            if ":" in host and not self._v6:  # IPv6 from an IPv4-only socket
+                continue
+            return self._sockaddr(host, port)
         return None
 
     def _sockaddr(self, host: str, port: int) -> tuple[str, int]:
@@ -156,10 +170,21 @@ class WireGuardTransport:
             failed, loud = offload.send(sock, ep, segs)
             sent += len(segs) - failed
             if failed:
+                if isinstance(loud, BadDestination):
+                    counters["bad_destination"] += failed
+                    self._log_bad_destination(loud)
+                    continue
                 counters["send_errors"] += failed
                 if loud is not None:
                     log.warning("UDP send to %s: %s", ep, loud)
         counters["tx_datagrams"] += sent
+
+    def _log_bad_destination(self, e: BadDestination) -> None:
+        text = str(e)
+        if text in self._bad_logged or len(self._bad_logged) >= MAX_BAD_DESTINATIONS_LOGGED:
+            return
+        self._bad_logged.add(text)
+        log.warning("UDP send dropped: %s", text)
 
     def _readable(self) -> None:
         sock, offload = self.sock, self.offload
@@ -250,6 +275,9 @@ class WireGuardTransport:
              self.counters["tx_datagrams"]),
             ("nodeagent_wireguard_send_errors_total", "UDP sends that failed", {},
              self.counters["send_errors"]),
+            ("nodeagent_wireguard_bad_destination_total",
+             "UDP datagrams dropped because their destination address was unusable", {},
+             self.counters["bad_destination"]),
         ]
         off = self.offload
         if off is not None:

@@ -1,5 +1,7 @@
 """Property tests of the control protocol's decoders and the policy parser: arbitrary input
-raises only the module's own error type; build → parse round-trips."""
+raises only the module's own error type; build → parse round-trips. Also the checks of
+node-supplied fields and endpoints (only their own error types, on both sides of the protocol)
+and the replay cache (bounded; a request is admitted at most once)."""
 
 from __future__ import annotations
 
@@ -136,3 +138,133 @@ def test_netmap_file_shapes_raise_only_wire_or_filter_errors(obj: Any) -> None:
             parse_rules(netmap_from_wire(candidate).PacketFilter or [])
         except (WireError, FilterRuleError):
             pass
+
+
+# --- node-supplied fields, endpoints and replay protection ------------------------------------
+
+_endpointish = st.text(st.sampled_from(list("0123456789abcdef.:[]%- ")) | st.characters(),
+                       max_size=70)
+
+
+@settings(max_examples=400)
+@given(_endpointish | _leaf)
+def test_check_endpoint_raises_only_value_error(text: Any) -> None:
+    from nodeagent.tailcfg import MAX_ENDPOINT_LEN, check_endpoint
+
+    try:
+        host, port = check_endpoint(text)
+    except ValueError:
+        return
+    assert isinstance(text, str) and len(text) <= MAX_ENDPOINT_LEN
+    assert 1 <= port <= 65535 and ("%" not in host)
+
+
+@given(st.ip_addresses(), st.integers(1, 65535))
+def test_unicast_endpoints_are_accepted(ip: Any, port: int) -> None:
+    from nodeagent.tailcfg import check_endpoint
+
+    text = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    if ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255":
+        return
+    assert check_endpoint(text) == (str(ip), port)
+
+
+_client_keys = st.sampled_from(["Type", "NodeKey", "AuthKey", "Hostname", "OS", "DiscoKey",
+                                "ReqID", "Challenge", "Endpoints", "HomeDERP", "ID", "Status",
+                                "Headers", "Body"])
+_client_shaped = st.recursive(
+    _leaf | st.sampled_from(["register", "map", "update", "c2n-response", "1.2.3.4:99999"]),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_client_keys | st.text(max_size=5),
+                                                              kids, max_size=8),
+    max_leaves=30)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(_client_shaped)
+def test_client_message_checks_raise_only_proto_errors(obj: Any) -> None:
+    from nodeagent.control.validate import check_node_fields
+
+    _only_proto_errors(lambda o: check_node_fields(proto.check_message(o, proto.CLIENT_TYPES)),
+                       obj)
+
+
+@settings(max_examples=300)
+@given(st.fixed_dictionaries({
+    "Type": st.sampled_from(["register", "map", "update"]),
+    "NodeKey": st.binary(min_size=32, max_size=32), "AuthKey": st.text(max_size=10),
+    "Hostname": st.text(max_size=70), "OS": st.text(max_size=40),
+    "DiscoKey": st.none() | st.binary(max_size=40), "ReqID": st.binary(max_size=70),
+    "Challenge": st.binary(max_size=16), "Endpoints": st.lists(_endpointish, max_size=40),
+    "HomeDERP": st.integers(-(2**63), 2**64 - 1)}))
+def test_well_typed_client_messages_are_checked_without_surprises(m: dict[str, Any]) -> None:
+    from nodeagent.control.validate import check_node_fields
+
+    _only_proto_errors(lambda o: check_node_fields(proto.check_message(o, proto.CLIENT_TYPES)),
+                       m)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(_shaped, st.lists(_endpointish, max_size=40))
+def test_dropping_bad_peer_endpoints_never_raises(obj: Any, eps: list[str]) -> None:
+    from nodeagent.tailcfg import (
+        MAX_ENDPOINTS,
+        WireError,
+        check_endpoint,
+        drop_bad_endpoints,
+        netmap_from_wire,
+    )
+
+    peer = dict(obj) if isinstance(obj, dict) else {}
+    peer["Endpoints"] = eps
+    try:
+        nm = netmap_from_wire({"Peers": [peer, obj]})
+    except WireError:
+        return
+    out, dropped, why = drop_bad_endpoints(nm)
+    kept = [ep for p in out.Peers for ep in p.Endpoints]
+    assert dropped + len(kept) == sum(len(p.Endpoints) for p in nm.Peers)
+    assert bool(dropped) == bool(why)
+    for p in out.Peers:
+        assert len(p.Endpoints) <= MAX_ENDPOINTS
+        for ep in p.Endpoints:
+            check_endpoint(ep)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300), _shaped)
+def test_open_request_raises_only_proto_errors(data: bytes, obj: Any) -> None:
+    from nacl.public import Box, PrivateKey, PublicKey
+
+    server = proto.Channel(_S.private, _M.public, server=True)
+    _only_proto_errors(server.open_request, data)
+    inner = {"D": proto.C2S, "S": 1, "T": obj, "M": obj}
+    sealed = bytes(Box(PrivateKey(_M.private), PublicKey(_S.public)).encrypt(proto.pack(inner)))
+    _only_proto_errors(proto.Channel(_S.private, _M.public, server=True).open_request, sealed)
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 20), st.lists(st.tuples(st.integers(0, 60), st.floats(-400, 100),
+                                              st.floats(0, 50)), max_size=200))
+def test_nonce_cache_is_bounded_and_admits_each_request_once(
+        cap: int, ops: list[tuple[int, float, float]]) -> None:
+    from nodeagent.control.replay import NonceCache
+
+    now = [1000.0]
+    cache = NonceCache(300.0, max_entries=cap, clock=lambda: now[0])
+    stamp_of: dict[int, float] = {}
+    admitted: set[int] = set()
+    for key, offset, advance in ops:
+        now[0] += advance
+        stamp = stamp_of.setdefault(key, now[0] + offset)  # one request = one timestamp
+        if cache.admit(key.to_bytes(2, "big"), stamp) is None:
+            assert key not in admitted, "a request was accepted twice"
+            admitted.add(key)
+        assert len(cache) <= cap
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=300))
+def test_hostname_label_is_always_accepted(text: str) -> None:
+    from nodeagent.control.validate import check_hostname, hostname_label
+
+    assert check_hostname(hostname_label(text)) is None
