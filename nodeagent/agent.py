@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.backend import LocalBackend
+from nodeagent.errors import ConfigError
 from nodeagent.localapi.server import LocalAPIServer
+from nodeagent.tailcfg import drop_bad_endpoints
 
 log = logging.getLogger("nodeagent")
 
@@ -76,11 +78,19 @@ class Agent:
     async def _start_control(self) -> None:
         from nodeagent.control.agent_link import ControlLink
 
-        self.control = ControlLink(self, self.opts.login_server or "", self.opts.auth_key)
+        port = self.dataplane.transport.port if self.dataplane is not None else 0
+        self.control = ControlLink(self.backend, self.apply_netmap, port,
+                                   self.opts.login_server or "", self.opts.auth_key)
         await self.control.start()
 
     def apply_netmap(self, nm: Any) -> None:
-        """A netmap from control (or the static file): backend first, then the data plane."""
+        """A netmap from control (or the static file): backend first, then the data plane.
+
+        Peer endpoints that are not usable ``ip:port`` (or beyond ``tailcfg.MAX_ENDPOINTS``) are
+        dropped first, with one log line for the whole netmap."""
+        nm, dropped, why = drop_bad_endpoints(nm)
+        if dropped:
+            log.warning("netmap: ignored %d invalid peer endpoint(s); first: %s", dropped, why)
         self.backend.set_netmap(nm)
         if self.dataplane is not None:
             self.dataplane.apply_netmap(nm)
@@ -109,10 +119,6 @@ class Agent:
         await self.localapi.stop()
         self.backend.shutdown()
         self.stopped.set()
-
-
-class ConfigError(Exception):
-    """A bad option or file given to the agent: one line, printed by the CLI."""
 
 
 def load_netmap_file(path: str) -> Any:

@@ -1,23 +1,33 @@
 """LocalBackend: the agent's centre. Owns prefs, persisted identity, the netmap and self node,
-the data-plane objects (TUN wrapper, engine), and fires the extension hooks.
+the data-plane objects (TUN wrapper, engine), and fires the extension hooks with a
+:class:`BackendHost` — the :class:`~nodeagent.ipnext.api.Host` extensions see.
 
-Everything here runs on the agent's event loop thread.
+The backend is the domain side: it imports no HTTP library and no adapter. The LocalAPI server
+owns its route table and asks the backend (:meth:`LocalBackend.collect_localapi_routes`) for the
+features' routes; the c2n router is transport-neutral and lives here. Everything runs on the
+agent's event loop thread.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from nodeagent.c2n import C2NRouter
 from nodeagent.ipn.prefs import Prefs, apply_masked, check_hostname
 from nodeagent.ipn.state import PersistedState, StateStore
+from nodeagent.ipnext.api import (
+    C2NHandler,
+    ConnRejectObservable,
+    LocalAPIHandler,
+    Sample,
+)
 from nodeagent.ipnext.feature import InstalledFeature
 from nodeagent.ipnext.host import ExtensionHost
 from nodeagent.keys import DISCO_PREFIX, MACHINE_PREFIX, NODE_PREFIX
-from nodeagent.localapi.routes import LocalAPIRoutes
 from nodeagent.tailcfg import NetworkMap, Node, to_wire
 from nodeagent.version import CAPABILITY_VERSION
 
@@ -40,6 +50,7 @@ class LocalBackend:
         *,
         features: Iterable[InstalledFeature] | None = None,
         hostname: str | None = None,
+        strict_hooks: bool | None = None,
     ) -> None:
         if hostname:
             check_hostname(hostname)  # PrefsError: the caller's option is bad, not the state
@@ -58,9 +69,9 @@ class LocalBackend:
         self.backend_state = NEEDS_LOGIN
         self.wrapper: Any = None
         self.engine: Any = None
-        self.localapi_routes = LocalAPIRoutes()
         self.c2n = C2NRouter()
-        self.extensions = ExtensionHost(features)
+        self.extensions = ExtensionHost(features, strict=strict_hooks)
+        self.host = BackendHost(self)
         self._health: dict[str, str] = {}
         self._started = False
         self._self_wire: Any = None
@@ -72,24 +83,46 @@ class LocalBackend:
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        """Load extensions, run their init, and collect LocalAPI and c2n routes."""
+        """Load extensions, run their init, and collect their c2n routes."""
         if self._started:
             return
         self._started = True
-        from nodeagent.localapi.handlers import register_core_routes
-
-        register_core_routes(self, self.localapi_routes)
         self.extensions.load()
-        self.extensions.init(self)
-        self.extensions.fire("nodeagent_localapi_routes", backend=self, routes=self.localapi_routes)
-        self.extensions.fire("nodeagent_c2n_routes", backend=self, routes=self.c2n)
+        self.extensions.init(self.host)
+        with self.host.accepting("c2n", self.c2n.add):
+            self.extensions.fire("nodeagent_c2n_routes", host=self.host)
+
+    def collect_localapi_routes(self, add: Callable[[str, LocalAPIHandler,
+                                                     Mapping[str, str] | None], None]) -> None:
+        """Ask the extensions for their LocalAPI endpoints; ``add(name, handler, methods)``
+        registers one with the server that calls this (after :meth:`start`)."""
+        with self.host.accepting("localapi", add):
+            self.extensions.fire("nodeagent_localapi_routes", host=self.host)
+
+    def metric_samples(self) -> list[Sample]:
+        """Samples of the data plane and of every extension's registered collector."""
+        samples: list[Sample] = []
+        for obj in (self.wrapper, self.engine):
+            fn: Any = getattr(obj, "metrics_samples", None)
+            if fn is not None:
+                samples.extend(fn())
+        for collect in list(self.host.metric_collectors):
+            try:
+                samples.extend(collect())
+            except Exception as e:
+                self.extensions.hook_errors += 1
+                log.error("metrics collector %r raised %s: %s", collect, type(e).__name__, e)
+        samples.append(("nodeagent_extension_hook_errors_total",
+                        "Exceptions raised by extension hooks and metric collectors", {},
+                        self.extensions.hook_errors))
+        return samples
 
     def shutdown(self) -> None:
         if not self._started:
             return
         self.set_engine(None)
         self.set_tundev(None)
-        self.extensions.fire("nodeagent_extension_shutdown", backend=self)
+        self.extensions.shutdown()
         self._started = False
 
     # --- netmap and self node -------------------------------------------------------------
@@ -104,7 +137,7 @@ class LocalBackend:
         if wire != self._self_wire:
             self._self_wire = wire
             self.self_node = new_self
-            self.extensions.fire("nodeagent_self_change", backend=self, node=new_self)
+            self.extensions.fire("nodeagent_self_change", host=self.host, node=new_self)
 
     def set_backend_state(self, state: str) -> None:
         self.backend_state = state
@@ -114,19 +147,19 @@ class LocalBackend:
         if self.wrapper is wrapper:
             return
         if self.wrapper is not None:
-            self.extensions.fire("nodeagent_tundev_stopping", backend=self, wrapper=self.wrapper)
+            self.extensions.fire("nodeagent_tundev_stopping", host=self.host, wrapper=self.wrapper)
         self.wrapper = wrapper
         if wrapper is not None:
-            self.extensions.fire("nodeagent_tundev_ready", backend=self, wrapper=wrapper)
+            self.extensions.fire("nodeagent_tundev_ready", host=self.host, wrapper=wrapper)
 
     def set_engine(self, engine: Any) -> None:
         if self.engine is engine:
             return
         if self.engine is not None:
-            self.extensions.fire("nodeagent_engine_stopping", backend=self, engine=self.engine)
+            self.extensions.fire("nodeagent_engine_stopping", host=self.host, engine=self.engine)
         self.engine = engine
         if engine is not None:
-            self.extensions.fire("nodeagent_engine_ready", backend=self, engine=engine)
+            self.extensions.fire("nodeagent_engine_ready", host=self.host, engine=engine)
 
     def peer_stats(self, node_key: str) -> dict[str, Any]:
         """Engine figures for one peer (LastHandshake, RxBytes, TxBytes, CurAddr, ...)."""
@@ -164,8 +197,8 @@ class LocalBackend:
             setter = getattr(self.engine, "set_fast_failure", None)
             if setter is not None:
                 setter(self.prefs.FastFailure)
-        self.extensions.fire("nodeagent_prefs_change", backend=self, prefs=self.prefs,
-                             changed=changed)
+        self.extensions.fire("nodeagent_prefs_change", host=self.host,
+                             prefs=copy.deepcopy(self.prefs), changed=changed)
 
     # --- health ---------------------------------------------------------------------------
     def set_health(self, key: str, problem: str | None) -> None:
@@ -176,3 +209,74 @@ class LocalBackend:
 
     def health(self) -> list[str]:
         return [self._health[k] for k in sorted(self._health)]
+
+
+class BackendHost:
+    """The :class:`~nodeagent.ipnext.api.Host` of one LocalBackend (see there for each member)."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self._b = backend
+        self._sinks: dict[str, Callable[..., None]] = {}
+        self.metric_collectors: list[Callable[[], Iterable[Sample]]] = []
+
+    @property
+    def prefs(self) -> Prefs:
+        return copy.deepcopy(self._b.prefs)
+
+    def edit_prefs(self, masked: Mapping[str, Any]) -> Prefs:
+        return copy.deepcopy(self._b.edit_prefs(dict(masked)))
+
+    @property
+    def self_node(self) -> Node:
+        return self._b.self_node
+
+    @property
+    def netmap(self) -> NetworkMap | None:
+        return self._b.netmap
+
+    @property
+    def tundev(self) -> ConnRejectObservable | None:
+        return self._b.wrapper  # type: ignore[no-any-return]
+
+    @property
+    def engine(self) -> ConnRejectObservable | None:
+        return self._b.engine  # type: ignore[no-any-return]
+
+    def read_state(self, key: str) -> bytes | None:
+        return self._b.store.read_extension(key)
+
+    def write_state(self, key: str, data: bytes) -> None:
+        self._b.store.write_extension(key, data)
+
+    def accepting(self, kind: str, add: Callable[..., None]) -> _Accepting:
+        """While the returned context is open, ``add_<kind>_route`` calls go to ``add``."""
+        return _Accepting(self._sinks, kind, add)
+
+    def _sink(self, kind: str) -> Callable[..., None]:
+        sink = self._sinks.get(kind)
+        if sink is None:
+            raise RuntimeError(f"add_{kind}_route may only be called from the "
+                               f"nodeagent_{kind}_routes hook")
+        return sink
+
+    def add_localapi_route(self, name: str, handler: LocalAPIHandler,
+                           methods: Mapping[str, str] | None = None) -> None:
+        self._sink("localapi")(name, handler, dict(methods) if methods is not None else None)
+
+    def add_c2n_route(self, method: str, path: str, handler: C2NHandler) -> None:
+        self._sink("c2n")(method, path, handler)
+
+    def register_metrics(self, collect: Callable[[], Iterable[Sample]]) -> None:
+        self.metric_collectors.append(collect)
+
+
+class _Accepting:
+    def __init__(self, sinks: dict[str, Callable[..., None]], kind: str,
+                 add: Callable[..., None]) -> None:
+        self._sinks, self._kind, self._add = sinks, kind, add
+
+    def __enter__(self) -> None:
+        self._sinks[self._kind] = self._add
+
+    def __exit__(self, *exc: object) -> None:
+        self._sinks.pop(self._kind, None)

@@ -21,6 +21,12 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+# Hooks run strictly under test: an exception (a failed assertion) inside an extension's hook
+# propagates to the test instead of disabling the extension quietly. Tests of the isolation
+# itself build their backend with strict_hooks=False.
+os.environ.setdefault("NODEAGENT_STRICT_HOOKS", "1")
+
+
 def feature_installed(name: str) -> bool:
     return importlib.util.find_spec(f"nodeagent_{name}") is not None
 

@@ -12,14 +12,10 @@ import os
 import sys
 from typing import NoReturn
 
-from nodeagent.agent import ConfigError
 from nodeagent.cli import core_commands
 from nodeagent.cli.registry import CLIContext, CLIError, CLIRegistry, load_feature_commands
-from nodeagent.ipn.state import StateError
-from nodeagent.localapi.client import LocalAPIError
-from nodeagent.localapi.server import SOCKET_ENV, SocketInUseError, default_socket_path
-from nodeagent.tundev.device import TunError
-from nodeagent.tundev.netconf import NetconfError
+from nodeagent.errors import UserError
+from nodeagent.localapi.server import SOCKET_ENV, default_socket_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         ctx = CLIContext(socket=args.socket or default_socket_path())
         return int(cmd.run(args, ctx) or 0)
-    except (CLIError, LocalAPIError, StateError, SocketInUseError, ConfigError, TunError,
-            NetconfError) as e:
+    except UserError as e:
         print(f"nodeagent: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

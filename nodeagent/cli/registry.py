@@ -10,13 +10,14 @@ from typing import Any
 
 import pluggy
 
+from nodeagent.errors import UserError
 from nodeagent.ipnext.feature import discover
 from nodeagent.ipnext.hookspecs import PROJECT, CLISpec
 from nodeagent.ipnext.known import KNOWN_FEATURES, not_installed_message
 from nodeagent.localapi.client import LocalAPIClient
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A user-caused error: printed as one line, exit status 1."""
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from nodeagent.control.adminops import AdminError
 from nodeagent.control.policy import PolicyError
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ def _error(status: int, text: str) -> web.Response:
 
 
 def add_routes(app: web.Application, srv: ControlServer) -> None:
-    from nodeagent.control.server import AdminError
 
     def guarded(fn: Callable[[web.Request], Awaitable[Any]]) -> Handler:
         async def handler(req: web.Request) -> web.StreamResponse:

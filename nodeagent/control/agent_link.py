@@ -1,11 +1,13 @@
 """The agent's side of control: log in, follow the map stream, feed netmaps to the agent.
 
-``ControlLink`` binds a :class:`~nodeagent.control.client.ControlClient` to one running agent:
+``ControlLink(backend, apply_netmap, wg_port, url, auth_key)`` binds a
+:class:`~nodeagent.control.client.ControlClient` to one running agent:
 registration with the auth key (persisting the login in the state file, so a restart keeps the
-identity and addresses), the netmap stream applied through ``Agent.apply_netmap``, c2n requests
-dispatched through the backend's c2n router, the node's endpoints (local addresses with the
-WireGuard port) reported, and the backend state (``NeedsLogin``/``Starting``/``Running``) kept
-true for ``/localapi/v0/status``.
+identity and addresses), the netmap stream applied through ``apply_netmap`` (the agent's), c2n
+requests dispatched through the backend's c2n router, the node's endpoints (local addresses with the
+WireGuard port, at most ``tailcfg.MAX_ENDPOINTS``) reported, and the backend state
+(``NeedsLogin``/``Starting``/``Running``) kept true for ``/localapi/v0/status``. The hostname is
+reported as a DNS label (``validate.hostname_label``), the form control accepts.
 """
 
 from __future__ import annotations
@@ -15,34 +17,44 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from nodeagent.agent import ConfigError
 from nodeagent.control.client import (
     ControlClient,
     ControlError,
     ControlFatalError,
     c2n_handler_from_router,
 )
+from nodeagent.control.validate import hostname_label
+from nodeagent.errors import ConfigError
+from nodeagent.tailcfg import MAX_ENDPOINTS
 from nodeagent.tundev.netconf import call_in_netns
+
+if TYPE_CHECKING:
+    from nodeagent.backend import LocalBackend
+    from nodeagent.tailcfg import NetworkMap
 
 log = logging.getLogger("nodeagent.control")
 
 
 class ControlLink:
-    def __init__(self, agent: Any, server_url: str, auth_key: str | None) -> None:
-        self.agent = agent
+    def __init__(self, backend: LocalBackend, apply_netmap: Callable[[NetworkMap], None],
+                 wg_port: int, server_url: str, auth_key: str | None) -> None:
+        self.backend = backend
+        self.apply_netmap = apply_netmap
+        self.wg_port = wg_port  # 0: no data plane, no endpoints to report
         self.url = server_url
         self.auth_key = auth_key or ""
         self.client: ControlClient | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        backend = self.agent.backend
+        backend = self.backend
         st = backend.state
         self.client = ControlClient(
             self.url, st.machine_key, st.node_key,
-            hostname=backend.prefs.Hostname or socket.gethostname(),
+            hostname=hostname_label(backend.prefs.Hostname or socket.gethostname()),
             state=st.login, on_state_change=lambda: backend.store.save(st),
             disco_key=st.disco_key.public, endpoints=self._endpoints())
         backend.set_backend_state("Starting")
@@ -56,9 +68,9 @@ class ControlLink:
 
     async def _run(self) -> None:
         assert self.client is not None
-        backend = self.agent.backend
+        backend = self.backend
         try:
-            await self.client.run(self.agent.apply_netmap, c2n_handler_from_router(backend.c2n),
+            await self.client.run(self.apply_netmap, c2n_handler_from_router(backend.c2n),
                                   on_status=self._status)
         except ControlFatalError as e:
             log.error("control: %s", e)
@@ -66,7 +78,7 @@ class ControlLink:
             backend.set_backend_state("NeedsLogin")
 
     def _status(self, state: str, detail: str) -> None:
-        backend = self.agent.backend
+        backend = self.backend
         if state == "connected":
             backend.set_health("control", None)
         else:
@@ -74,8 +86,7 @@ class ControlLink:
 
     def _endpoints(self) -> list[str]:
         """Local unicast addresses with the WireGuard port: direct paths peers can try."""
-        dp = self.agent.dataplane
-        port = dp.transport.port if dp is not None else 0
+        port = self.wg_port
         if not port:
             return []
         try:
@@ -93,7 +104,11 @@ class ControlLink:
             if ip.version == 6 and ip in ipaddress.ip_network("fd7a:115c:a1e0::/48"):
                 continue
             out.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
-        return sorted(set(out))
+        eps = sorted(set(out))
+        if len(eps) > MAX_ENDPOINTS:
+            log.info("reporting %d of %d local endpoints (control takes at most %d)",
+                     MAX_ENDPOINTS, len(eps), MAX_ENDPOINTS)
+        return eps[:MAX_ENDPOINTS]
 
     async def stop(self) -> None:
         if self.client is not None:

@@ -16,6 +16,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodeagent.errors import UserError
+
 
 @dataclass
 class Prefs:
@@ -59,7 +61,7 @@ class Prefs:
 _FIELDS: dict[str, Any] = {f.name: f for f in dataclasses.fields(Prefs)}
 
 
-class PrefsError(ValueError):
+class PrefsError(UserError, ValueError):
     """A masked-prefs body that cannot be applied; the message names the field."""
 
 

@@ -6,7 +6,8 @@ types (prefs are checked as :class:`~nodeagent.ipn.prefs.Prefs` checks them), ra
 :class:`StateError` with one line naming the file: the agent refuses to start rather than silently
 minting a new identity. At start, temp files left by a write that never finished are removed, and
 a state file that loads but is readable or writable by group or others is set back to 0600; each
-is logged as one warning line.
+is logged as one warning line. Extensions keep their own keys (``<feature>/<name>``) as separate
+files under ``extensions/``, written the same way.
 """
 
 from __future__ import annotations
@@ -14,23 +15,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodeagent.errors import UserError
 from nodeagent.ipn.prefs import Prefs, PrefsError, check_hostname
 from nodeagent.keys import KeyPair
 
 STATE_FILE_NAME = "nodeagent.state"
 TEMP_PREFIX = "." + STATE_FILE_NAME + "."
 STATE_FORMAT = 1
+EXTENSION_DIR = "extensions"  # extensions' own keys, one file each (Host.read_state/write_state)
+EXTENSION_KEY = re.compile(r"[a-z0-9_-]{1,64}/[a-z0-9_-]{1,64}")
 
 log = logging.getLogger("nodeagent.state")
 
 
-class StateError(Exception):
+class StateError(UserError):
     """The state file exists but cannot be used; the message is one line naming the file."""
 
 
@@ -201,19 +206,23 @@ class StateStore:
             "login": st.login,
         }
         blob = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+        self._write_atomic(self.path, blob, "state file")
+
+    def _write_atomic(self, path: Path, blob: bytes, what: str) -> None:
+        """Write ``blob`` to ``path`` (mode 0600) so a crash leaves the old or the new bytes."""
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.dir)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
         except OSError as e:
-            raise StateError(f"state dir {self.dir}: cannot write: {e.strerror or e}") from None
+            raise StateError(f"state dir {path.parent}: cannot write: {e.strerror or e}") from None
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dfd = os.open(self.dir, os.O_RDONLY)
+            os.replace(tmp, path)
+            dfd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
@@ -223,4 +232,25 @@ class StateStore:
                 os.unlink(tmp)
             except OSError:
                 pass
-            raise StateError(f"state file {self.path}: cannot write: {e.strerror or e}") from None
+            raise StateError(f"{what} {path}: cannot write: {e.strerror or e}") from None
+
+    # --- extensions' own keys ---------------------------------------------------------------
+
+    def _extension_path(self, key: str) -> Path:
+        if not EXTENSION_KEY.fullmatch(key):
+            raise ValueError(f"state key {key!r}: want <feature>/<name> of lowercase letters, "
+                             "digits, '-' and '_'")
+        return self.dir / EXTENSION_DIR / key.replace("/", ".")
+
+    def read_extension(self, key: str) -> bytes | None:
+        """Bytes an extension stored under ``key``, or None; StateError if unreadable."""
+        p = self._extension_path(key)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"state file {p}: cannot read: {e.strerror or e}") from None
+
+    def write_extension(self, key: str, data: bytes) -> None:
+        self._write_atomic(self._extension_path(key), bytes(data), "state file")

@@ -12,10 +12,12 @@ import json
 import socket
 from typing import Any
 
+from nodeagent.errors import UserError
+
 HOST = "local-tailscaled.sock"
 
 
-class LocalAPIError(Exception):
+class LocalAPIError(UserError):
     def __init__(self, message: str, status: int = 0, body: Any = None) -> None:
         super().__init__(message)
         self.status = status

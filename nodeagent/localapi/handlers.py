@@ -18,8 +18,8 @@ from nodeagent.ipn.prefs import PrefsError, PrefsPermissionError
 from nodeagent.ipn.state import StateError
 from nodeagent.ipn.status import build_status
 from nodeagent.localapi.metrics import render_metrics
-from nodeagent.localapi.routes import READ, WRITE, LocalAPIRoutes
-from nodeagent.localapi.server import is_privileged, json_error, peer_uid
+from nodeagent.localapi.peercred import is_privileged, peer_uid
+from nodeagent.localapi.routes import READ, WRITE, LocalAPIRoutes, json_error
 
 if TYPE_CHECKING:
     from nodeagent.backend import LocalBackend

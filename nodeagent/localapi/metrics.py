@@ -1,22 +1,23 @@
 """Prometheus text rendering of the agent's counters for ``GET /localapi/v0/metrics``.
 
-Sources provide samples as ``(name, help, labels, value)`` tuples: the data-plane objects through
-a ``metrics_samples()`` method and extensions through the ``nodeagent_metrics`` hook. Counters'
-names end in ``_total``. Rendering happens per scrape; nothing here touches the hot path.
+Samples are ``(name, help, labels, value)`` tuples gathered by ``LocalBackend.metric_samples``:
+the data-plane objects' ``metrics_samples()`` and the collectors extensions registered with
+``Host.register_metrics``. Counters' names end in ``_total``. Rendering happens per scrape;
+nothing here touches the hot path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from nodeagent.ipnext.api import Sample
+
 if TYPE_CHECKING:
     from nodeagent.backend import LocalBackend
-
-Sample = tuple[str, str, dict[str, str], float]
 
 
 class _Collector:
@@ -38,21 +39,7 @@ class _Collector:
         yield from fams.values()
 
 
-def collect_samples(backend: LocalBackend) -> list[Sample]:
-    samples: list[Sample] = [
-        ("nodeagent_extension_hook_errors_total", "Exceptions raised by extension hooks", {},
-         backend.extensions.hook_errors),
-    ]
-    for obj in (backend.wrapper, backend.engine):
-        fn: Any = getattr(obj, "metrics_samples", None)
-        if fn is not None:
-            samples.extend(fn())
-    for result in backend.extensions.fire("nodeagent_metrics", backend=backend):
-        samples.extend(result)
-    return samples
-
-
 def render_metrics(backend: LocalBackend) -> str:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(collect_samples(backend)))  # type: ignore[arg-type]
+    reg.register(_Collector(backend.metric_samples()))  # type: ignore[arg-type]
     return generate_latest(reg).decode()

@@ -1,14 +1,17 @@
-"""The LocalAPI route table: endpoint names under /localapi/v0/ with per-method permissions."""
+"""The LocalAPI route table (endpoint names under /localapi/v0/ with per-method permissions) and
+the JSON error shape every endpoint answers with."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-READ = "read"
-WRITE = "write"
+from nodeagent.ipnext.api import READ, WRITE
+
+__all__ = ["READ", "WRITE", "Handler", "LocalAPIRoutes", "Route", "json_error"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -24,7 +27,7 @@ class LocalAPIRoutes:
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
 
-    def add(self, name: str, handler: Handler, methods: dict[str, str] | None = None) -> None:
+    def add(self, name: str, handler: Handler, methods: Mapping[str, str] | None = None) -> None:
         """Register ``/localapi/v0/<name>``; ``methods`` maps HTTP methods to READ or WRITE."""
         name = name.strip("/")
         if name in self._routes:
@@ -40,3 +43,8 @@ class LocalAPIRoutes:
 
     def names(self) -> list[str]:
         return sorted(self._routes)
+
+
+def json_error(status: int, message: str, **extra: Any) -> web.Response:
+    """The LocalAPI's error shape: ``{"error": "one line", ...}``."""
+    return web.json_response({"error": message, **extra}, status=status)

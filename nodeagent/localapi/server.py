@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import pwd
 import socket
 import stat
-import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from nodeagent.errors import UserError
 from nodeagent.ipnext.known import feature_for_localapi, not_installed_message
-from nodeagent.localapi.routes import READ, WRITE
+from nodeagent.localapi.handlers import register_core_routes
+from nodeagent.localapi.peercred import is_privileged, peer_uid, socket_uid
+from nodeagent.localapi.routes import READ, WRITE, LocalAPIRoutes, json_error
 from nodeagent.netguard import (
     ConnLimiter,
     raise_nofile_limit,
@@ -45,7 +46,6 @@ log = logging.getLogger("nodeagent.localapi")
 PREFIX = "/localapi/v0/"
 DEFAULT_SOCKET = "/run/nodeagent/nodeagent.sock"
 SOCKET_ENV = "NODEAGENT_SOCKET"
-_CRED = struct.Struct("3i")
 # Simultaneous LocalAPI connections per non-root peer uid (a CLI needs one; a GUI a few).
 MAX_CONNS_PER_UID = 64
 
@@ -54,38 +54,14 @@ def default_socket_path() -> str:
     return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
 
-class SocketInUseError(Exception):
+class SocketInUseError(UserError):
     pass
-
-
-def json_error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
-
-
-def peer_uid(request: web.Request) -> int | None:
-    """The uid of the process on the other end of the Unix socket, or None if unknown."""
-    return _socket_uid(request.transport.get_extra_info("socket") if request.transport else None)
-
-
-def _socket_uid(sock: socket.socket | None) -> int | None:
-    if sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
-    except (OSError, AttributeError):
-        return None
-    return int(_CRED.unpack(raw)[1])
 
 
 def _limited_uid(transport: asyncio.BaseTransport) -> int | None:
     """The key of the per-uid connection limit: the peer's uid, None (unlimited) for root."""
-    uid = _socket_uid(transport.get_extra_info("socket"))
+    uid = socket_uid(transport.get_extra_info("socket"))
     return None if uid == 0 else (-1 if uid is None else uid)
-
-
-def is_privileged(uid: int | None) -> bool:
-    """Root or the agent's own user: may write anything, including who the operator is."""
-    return uid is not None and (uid == 0 or uid == os.geteuid())
 
 
 def http_error_json(name: str, e: web.HTTPException) -> web.StreamResponse:
@@ -114,6 +90,16 @@ class LocalAPIServer:
                                         key_of=_limited_uid)
         self.app = web.Application(client_max_size=1 << 20)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        # The server owns its route table: the core's endpoints now, the features' at start.
+        self.routes = LocalAPIRoutes()
+        register_core_routes(backend, self.routes)
+        self._feature_routes_loaded = False
+
+    def load_feature_routes(self) -> None:
+        """Ask the extensions for their endpoints (once, after ``backend.start()``)."""
+        if not self._feature_routes_loaded:
+            self._feature_routes_loaded = True
+            self.backend.collect_localapi_routes(self.routes.add)
 
     def can_write(self, uid: int | None) -> bool:
         if uid is None:
@@ -133,7 +119,7 @@ class LocalAPIServer:
         if not path.startswith(PREFIX):
             return json_error(404, f"not found: {path} (LocalAPI paths start with {PREFIX})")
         name = path[len(PREFIX):].strip("/")
-        route = self.backend.localapi_routes.get(name)
+        route = self.routes.get(name)
         if route is None:
             known = feature_for_localapi(name)
             if known is not None:
@@ -160,6 +146,7 @@ class LocalAPIServer:
             return json_error(500, f"{name}: internal error: {type(e).__name__}: {e}")
 
     async def start(self) -> None:
+        self.load_feature_routes()
         p = Path(self.path)
         d = p.parent
         if not d.exists():
@@ -207,5 +194,3 @@ def _socket_alive(path: str) -> bool:
         s.close()
 
 
-def json_body(data: Any) -> bytes:
-    return json.dumps(data).encode()

@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from nodeagent.errors import UserError
 from nodeagent.offloadenv import TUN_OFFLOAD_ENV, TUN_TSO_ENV, offload_enabled
 from nodeagent.tundev import netconf
 from nodeagent.tundev.vnet import (
@@ -56,7 +57,7 @@ PLAIN_START = b"\0\0"  # virtio_net_hdr flags and gso_type both zero
 _READ_FATAL = frozenset({errno.EBADF, errno.EBADFD, errno.ENODEV, errno.ENXIO})
 
 
-class TunError(Exception):
+class TunError(UserError):
     """Creating or configuring a TUN device failed; one line saying what and why."""
 
     def __init__(self, message: str, errno: int | None = None) -> None:

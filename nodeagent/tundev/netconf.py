@@ -27,13 +27,15 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nodeagent.errors import UserError
+
 NETNS_RUN_DIR = "/run/netns"
 IFA_F_NODAD = 0x02  # linux/if_addr.h: skip duplicate address detection, usable at once
 
 T = TypeVar("T")
 
 
-class NetconfError(Exception):
+class NetconfError(UserError):
     """A netlink configuration step failed; ``errno`` holds the kernel's error when known."""
 
     def __init__(self, message: str, errno: int | None = None) -> None:

@@ -1,15 +1,22 @@
-"""Extension framework: per-backend instances, isolation of failing extensions, hook firing."""
+"""Extension framework: per-backend instances, pluggy's call order, isolation of failing
+extensions (and strictness in tests), shutdown order, and the Host surface."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from nodeagent.backend import LocalBackend
+from nodeagent.c2n import C2NRequest, C2NResponse
 from nodeagent.ipnext import Feature, InstalledFeature, hookimpl
+from nodeagent.ipnext.api import READ, Host
 from nodeagent.tailcfg import NetworkMap, Node
+
+CALLS: list[tuple[str, str]] = []
 
 
 class Counter:
@@ -25,7 +32,7 @@ class Counter:
         Counter.instances.append(self)
 
     @hookimpl
-    def nodeagent_extension_init(self, backend: LocalBackend) -> None:
+    def nodeagent_extension_init(self, host: Host) -> None:
         self.inits += 1
 
     @hookimpl
@@ -47,7 +54,7 @@ class Counter:
 
 class BrokenInit:
     @hookimpl
-    def nodeagent_extension_init(self, backend: LocalBackend) -> None:
+    def nodeagent_extension_init(self, host: Host) -> None:
         raise RuntimeError("boom")
 
     @hookimpl
@@ -56,9 +63,34 @@ class BrokenInit:
 
 
 class BrokenHook:
+    shutdowns = 0
+
     @hookimpl
     def nodeagent_self_change(self, node: Node) -> None:
         raise ValueError("bad hook")
+
+    @hookimpl
+    def nodeagent_extension_shutdown(self) -> None:
+        BrokenHook.shutdowns += 1
+
+
+def recorder(name: str, **marks: bool) -> type:
+    """A toy extension that records the order in which its hooks run."""
+
+    class Recorder:
+        @hookimpl(**marks)
+        def nodeagent_extension_init(self) -> None:
+            CALLS.append(("init", name))
+
+        @hookimpl(**marks)
+        def nodeagent_self_change(self) -> None:
+            CALLS.append(("self", name))
+
+        @hookimpl
+        def nodeagent_extension_shutdown(self) -> None:
+            CALLS.append(("shutdown", name))
+
+    return Recorder
 
 
 def feat(name: str, factory: Any) -> InstalledFeature:
@@ -94,10 +126,25 @@ def test_discovered_features_are_per_backend(tmp_path: Any) -> None:
         assert pa is not pb, name
 
 
+def test_hooks_run_in_pluggys_order_and_shutdown_in_reverse_init_order(tmp_path: Any) -> None:
+    CALLS.clear()
+    be = LocalBackend(tmp_path, features=[feat("first", recorder("first")),
+                                          feat("second", recorder("second")),
+                                          feat("early", recorder("early", tryfirst=True))])
+    be.start()
+    # pluggy: last registered first, tryfirst before everything.
+    assert [n for k, n in CALLS if k == "init"] == ["early", "second", "first"]
+    be.set_netmap(netmap("100.64.0.1/32"))
+    assert [n for k, n in CALLS if k == "self"] == ["early", "second", "first"]
+    be.shutdown()
+    assert [n for k, n in CALLS if k == "shutdown"] == ["first", "second", "early"]
+
+
 def test_failing_init_is_logged_once_and_disabled(tmp_path: Any,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     Counter.instances.clear()
-    be = LocalBackend(tmp_path, features=[feat("broken", BrokenInit), feat("counter", Counter)])
+    be = LocalBackend(tmp_path, features=[feat("broken", BrokenInit), feat("counter", Counter)],
+                      strict_hooks=False)
     with caplog.at_level(logging.ERROR):
         be.start()
     errors = [r for r in caplog.records if "broken" in r.getMessage()]
@@ -106,20 +153,44 @@ def test_failing_init_is_logged_once_and_disabled(tmp_path: Any,
     assert be.extensions.plugin("broken") is None
     # The agent keeps running: other extensions still get hooks, and none reach the broken one.
     be.set_netmap(netmap("100.64.0.9/32"))
-    assert len(Counter.instances[0].selves) == 1
+    assert len(Counter.instances[0].selves) == 1 and Counter.instances[0].inits == 1
 
 
-def test_raising_hook_is_isolated_and_counted(tmp_path: Any,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_raising_hook_disables_its_extension_only(tmp_path: Any,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     Counter.instances.clear()
-    be = LocalBackend(tmp_path, features=[feat("bad", BrokenHook), feat("counter", Counter)])
+    BrokenHook.shutdowns = 0
+    be = LocalBackend(tmp_path, features=[feat("bad", BrokenHook), feat("counter", Counter)],
+                      strict_hooks=False)
     be.start()
     with caplog.at_level(logging.ERROR):
         be.set_netmap(netmap("100.64.0.1/32"))
         be.set_netmap(netmap("100.64.0.2/32"))
-    assert be.extensions.hook_errors == 2
+    assert be.extensions.hook_errors == 1
     assert len([r for r in caplog.records if "bad hook" in r.getMessage()]) == 1
+    assert "bad" in be.extensions.disabled and be.extensions.plugin("bad") is None
+    assert BrokenHook.shutdowns == 1  # offered the chance to clean up, once
     assert len(Counter.instances[0].selves) == 2
+    be.shutdown()
+    assert BrokenHook.shutdowns == 1 and Counter.instances[0].shutdowns == 1
+
+
+def test_strict_hooks_let_an_assertion_fail_the_test(tmp_path: Any) -> None:
+    class Asserting:
+        @hookimpl
+        def nodeagent_self_change(self, node: Node) -> None:
+            assert node.Addresses == ["100.64.0.1/32"], node.Addresses
+
+    be = LocalBackend(tmp_path, features=[feat("asserting", Asserting)], strict_hooks=True)
+    be.start()
+    be.set_netmap(netmap("100.64.0.1/32"))
+    with pytest.raises(AssertionError, match=r"100\.64\.0\.2"):
+        be.set_netmap(netmap("100.64.0.2/32"))
+
+
+def test_suite_runs_hooks_strictly(tmp_path: Any) -> None:
+    # conftest turns strictness on for every backend the suite builds without saying otherwise.
+    assert LocalBackend(tmp_path).extensions.strict
 
 
 def test_self_change_fires_only_on_change(tmp_path: Any) -> None:
@@ -145,3 +216,75 @@ def test_tundev_replacement_and_shutdown(tmp_path: Any) -> None:
     assert ext.tundevs == [w2]
     be.shutdown()
     assert ext.tundevs == [] and ext.shutdowns == 1
+
+
+class HostUser:
+    """Touches every member of the Host, as a feature would."""
+
+    def __init__(self) -> None:
+        self.host: Host | None = None
+        self.seen_prefs: list[list[str]] = []
+
+    @hookimpl
+    def nodeagent_extension_init(self, host: Host) -> None:
+        self.host = host
+        host.register_metrics(lambda: [("hostuser_up", "test gauge", {}, 1.0)])
+        assert host.read_state("hostuser/blob") is None
+        host.write_state("hostuser/blob", b"\x00kept")
+
+    @hookimpl
+    def nodeagent_prefs_change(self, prefs: Any, changed: list[str]) -> None:
+        self.seen_prefs.append(changed)
+
+    @hookimpl
+    def nodeagent_localapi_routes(self, host: Host) -> None:
+        async def hello(request: Any) -> Any:
+            return None
+
+        host.add_localapi_route("hostuser", hello, {"GET": READ})
+
+    @hookimpl
+    def nodeagent_c2n_routes(self, host: Host) -> None:
+        async def hello(req: C2NRequest) -> C2NResponse:
+            return C2NResponse.json({"hello": True})
+
+        host.add_c2n_route("GET", "/hostuser", hello)
+
+
+@pytest.mark.asyncio
+async def test_host_surface(tmp_path: Any) -> None:
+    be = LocalBackend(tmp_path, features=[feat("hostuser", HostUser)])
+    be.start()
+    ext: HostUser = be.extensions.plugin("hostuser")
+    host = ext.host
+    assert host is not None and host is be.host
+    # prefs are a copy: changing it changes nothing; edit_prefs persists and fires the hook
+    p = host.prefs
+    p.ShieldsUp = True
+    assert be.prefs.ShieldsUp is False
+    assert host.edit_prefs({"ShieldsUpSet": True, "ShieldsUp": True}).ShieldsUp is True
+    assert be.prefs.ShieldsUp is True and ext.seen_prefs == [["ShieldsUp"]]
+    assert host.self_node.Key == be.node_public_key and host.netmap is None
+    assert host.tundev is None and host.engine is None
+    # state keys persist across backends on the same state dir
+    assert LocalBackend(tmp_path).host.read_state("hostuser/blob") == b"\x00kept"
+    with pytest.raises(ValueError, match="state key"):
+        host.write_state("../escape", b"")
+    # routes only inside their hooks
+    with pytest.raises(RuntimeError, match="nodeagent_localapi_routes"):
+        host.add_localapi_route("late", ext.nodeagent_localapi_routes, None)
+    added: list[str] = []
+    be.collect_localapi_routes(lambda name, handler, methods: added.append(name))
+    assert added == ["hostuser"]
+    resp = await be.c2n.dispatch(C2NRequest("GET", "/hostuser"))
+    assert resp.status == 200 and b"hello" in resp.body
+    assert ("hostuser_up", "test gauge", {}, 1.0) in be.metric_samples()
+
+
+def test_backend_does_not_load_the_http_stack() -> None:
+    code = ("import sys, nodeagent.backend; "
+            "bad = [m for m in sys.modules if m == 'aiohttp' or m.startswith('aiohttp.') "
+            "or m.startswith('nodeagent.localapi')]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -108,6 +108,14 @@ class Aggregator:
     def enabled(self) -> bool:
         return self._enabled
 
+    def admit(self) -> bool:
+        """True while recording; otherwise counts one dropped observation. A cheap check for a
+        caller about to format an observation's fields (the data plane's note callback)."""
+        if self._enabled:
+            return True
+        self.dropped_disabled += 1
+        return False
+
     def set_enabled(self, on: bool) -> bool:
         """Switch recording; returns the previous value. Switching off clears both directions."""
         with self._lock:

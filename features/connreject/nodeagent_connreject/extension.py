@@ -1,23 +1,24 @@
 """The connreject extension: one Aggregator per LocalBackend, wired to the data plane.
 
+It uses only the extension :class:`~nodeagent.ipnext.api.Host` and the Aggregator's public API.
 It installs one note callback on the TUN Wrapper and on the engine whenever either becomes ready
 (and again when replaced), removes it when they stop and at shutdown, flips its recording gate on
 the ``debug-conn-reject`` node attribute at every self-node change, and serves the aggregate on
-LocalAPI ``GET /localapi/v0/debug-rejects`` and c2n ``GET /debug/rejects``.
+LocalAPI ``GET /localapi/v0/debug-rejects``, c2n ``GET /debug/rejects`` and in the metrics.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from aiohttp import web
 
 from nodeagent.c2n import C2NRequest, C2NResponse
+from nodeagent.ipn.prefs import Prefs
 from nodeagent.ipnext import hookimpl
-from nodeagent.localapi.routes import READ
+from nodeagent.ipnext.api import READ, ConnRejectObservable, Host, Sample
 from nodeagent.packet import addr_str
-from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT
+from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT, Node
 from nodeagent_connreject.aggregator import Aggregator, default_max_entries
 
 log = logging.getLogger("nodeagent.connreject")
@@ -29,9 +30,8 @@ ADDR_CACHE_SIZE = 4096
 
 class ConnRejectExtension:
     def __init__(self) -> None:
-        self.backend: Any = None
         self.aggregator = Aggregator(default_max_entries())
-        self._attached: list[Any] = []  # wrapper/engine objects our callback is installed on
+        self._attached: list[ConnRejectObservable] = []  # where our callback is installed
         self._addr_names: dict[tuple[int, int], str] = {}
 
     # --- the callback the data plane calls -------------------------------------------------
@@ -39,8 +39,7 @@ class ConnRejectExtension:
              dst_ip: int, dst_port: int, reason: str, source: str, maybe_broken: bool) -> None:
         """The data plane's note callback (signature: ``nodeagent.tundev.wrapper.NoteFn``)."""
         agg = self.aggregator
-        if not agg._enabled:  # format nothing for an event that would be dropped anyway
-            agg.dropped_disabled += 1
+        if not agg.admit():  # format nothing for an event that would be dropped anyway
             return
         names = self._addr_names
         src = names.get((version, src_ip))
@@ -65,77 +64,75 @@ class ConnRejectExtension:
 
     # --- lifecycle -------------------------------------------------------------------------
     @hookimpl
-    def nodeagent_extension_init(self, backend: Any) -> None:
-        self.backend = backend
-        configured = getattr(backend.prefs, "ConnRejectMaxEntries", 0)
+    def nodeagent_extension_init(self, host: Host) -> None:
+        configured = host.prefs.ConnRejectMaxEntries
         if configured:
             self.aggregator.set_max_entries(configured)
+        host.register_metrics(self.metrics)
 
     @hookimpl
-    def nodeagent_extension_shutdown(self, backend: Any) -> None:
+    def nodeagent_extension_shutdown(self, host: Host) -> None:
         for obj in list(self._attached):
             self._detach(obj)
         self.aggregator.set_enabled(False)
-        self.backend = None
 
     @hookimpl
-    def nodeagent_prefs_change(self, backend: Any, prefs: Any, changed: list[str]) -> None:
+    def nodeagent_prefs_change(self, host: Host, prefs: Prefs, changed: list[str]) -> None:
         if "ConnRejectMaxEntries" in changed:
             self.aggregator.set_max_entries(prefs.ConnRejectMaxEntries or default_max_entries())
 
     @hookimpl
-    def nodeagent_self_change(self, backend: Any, node: Any) -> None:
+    def nodeagent_self_change(self, host: Host, node: Node) -> None:
         want = bool(node.has_cap(NODE_ATTR_CONN_REJECT))
         prev = self.aggregator.set_enabled(want)
         if prev != want:
             log.info("connreject: %s via NodeAttrConnReject", "enabled" if want else "disabled")
 
     # --- data plane attachment ---------------------------------------------------------------
-    def _attach(self, obj: Any) -> None:
+    def _attach(self, obj: ConnRejectObservable) -> None:
         obj.set_conn_reject_note(self.note)
         if obj not in self._attached:
             self._attached.append(obj)
 
-    def _detach(self, obj: Any) -> None:
+    def _detach(self, obj: ConnRejectObservable) -> None:
         if obj in self._attached:
             self._attached.remove(obj)
             obj.set_conn_reject_note(None)
 
     @hookimpl
-    def nodeagent_tundev_ready(self, backend: Any, wrapper: Any) -> None:
+    def nodeagent_tundev_ready(self, host: Host, wrapper: ConnRejectObservable) -> None:
         self._attach(wrapper)
 
     @hookimpl
-    def nodeagent_tundev_stopping(self, backend: Any, wrapper: Any) -> None:
+    def nodeagent_tundev_stopping(self, host: Host, wrapper: ConnRejectObservable) -> None:
         self._detach(wrapper)
 
     @hookimpl
-    def nodeagent_engine_ready(self, backend: Any, engine: Any) -> None:
+    def nodeagent_engine_ready(self, host: Host, engine: ConnRejectObservable) -> None:
         self._attach(engine)
 
     @hookimpl
-    def nodeagent_engine_stopping(self, backend: Any, engine: Any) -> None:
+    def nodeagent_engine_stopping(self, host: Host, engine: ConnRejectObservable) -> None:
         self._detach(engine)
 
     # --- endpoints -------------------------------------------------------------------------
     @hookimpl
-    def nodeagent_localapi_routes(self, backend: Any, routes: Any) -> None:
+    def nodeagent_localapi_routes(self, host: Host) -> None:
         async def debug_rejects(request: web.Request) -> web.StreamResponse:
             return web.json_response(self.aggregator.response())
 
-        routes.add(LOCALAPI_ENDPOINT, debug_rejects, {"GET": READ})
+        host.add_localapi_route(LOCALAPI_ENDPOINT, debug_rejects, {"GET": READ})
 
     @hookimpl
-    def nodeagent_c2n_routes(self, backend: Any, routes: Any) -> None:
+    def nodeagent_c2n_routes(self, host: Host) -> None:
         async def debug_rejects(req: C2NRequest) -> C2NResponse:
             return C2NResponse.json(self.aggregator.response())
 
-        routes.add("GET", C2N_PATH, debug_rejects)
+        host.add_c2n_route("GET", C2N_PATH, debug_rejects)
 
-    @hookimpl
-    def nodeagent_metrics(self, backend: Any) -> list[tuple[str, str, dict[str, str], float]]:
+    def metrics(self) -> list[Sample]:
         agg = self.aggregator
-        samples: list[tuple[str, str, dict[str, str], float]] = [
+        samples: list[Sample] = [
             ("nodeagent_connreject_enabled", "Whether rejection recording is on (node attribute)",
              {}, 1.0 if agg.enabled else 0.0),
             ("nodeagent_connreject_evicted_total", "Aggregated rejections evicted by the LRU",
