@@ -1,9 +1,50 @@
-"""DERP: the sans-IO frame codec (:mod:`.frames`) and the asyncio client (:mod:`.client`).
+"""DERP: the sans-IO frame codec (:mod:`.frames`), the sans-IO client connection state machine
+(:mod:`.conn`) and the asyncio client adapter over it (:mod:`.client`).
 
 The relay server lives in the ``derper`` feature; the core only needs to speak DERP as a client.
+The names re-exported here are loaded on first use, so importing the package, ``.frames`` or
+``.conn`` never imports asyncio.
 """
 
-from nodeagent.derp.client import DerpClient, DerpError
-from nodeagent.derp.frames import FrameError, FrameReader, FrameType, PeerGoneReason
+from __future__ import annotations
 
-__all__ = ["DerpClient", "DerpError", "FrameError", "FrameReader", "FrameType", "PeerGoneReason"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodeagent.derp.client import DerpClient
+    from nodeagent.derp.conn import ClientConnection, DerpError
+    from nodeagent.derp.frames import (
+        FrameError,
+        FrameReader,
+        FrameType,
+        PeerGoneReason,
+        ProtocolError,
+    )
+
+_LAZY = {
+    "ClientConnection": "conn",
+    "DerpClient": "client",
+    "DerpError": "conn",
+    "FrameError": "frames",
+    "FrameReader": "frames",
+    "FrameType": "frames",
+    "PeerGoneReason": "frames",
+    "ProtocolError": "frames",
+}
+
+__all__ = ["ClientConnection", "DerpClient", "DerpError", "FrameError", "FrameReader",
+           "FrameType", "PeerGoneReason", "ProtocolError"]
+
+
+def __getattr__(name: str) -> Any:
+    sub = _LAZY.get(name)
+    if sub is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{sub}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

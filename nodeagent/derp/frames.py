@@ -2,7 +2,8 @@
 
 Wire facts come from specs/derp.md: a frame is a 1-byte type, a 4-byte big-endian payload length,
 then the payload. ClientInfo/ServerInfo carry NaCl-boxed JSON. Nothing here does I/O; parsers of
-network bytes raise :class:`FrameError` (and nothing else) on malformed input.
+network bytes raise :class:`FrameError` (and nothing else) on malformed input. The client's
+connection state machine built on these pieces lives in :mod:`nodeagent.derp.conn`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,15 @@ _RESTARTING = struct.Struct(">II")
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
-class FrameError(Exception):
+class ProtocolError(Exception):
+    """Base of every error the peer's bytes can cause: the connection cannot go on; close it.
+
+    :class:`FrameError` (a malformed frame) and ``nodeagent.derp.conn.DerpError`` (a well-formed
+    frame the client's state machine does not accept, or a refused upgrade) derive from it.
+    """
+
+
+class FrameError(ProtocolError):
     """A malformed frame or a frame beyond the reader's length limit: close the connection."""
 
 

@@ -1,19 +1,39 @@
 """STUN (RFC 5389 subset used by Tailscale): sans-IO codec and an asyncio one-shot client.
 
 ``codec`` builds/parses binding requests and responses; ``client.stun_query`` asks a server for
-this host's mapped address.
+this host's mapped address. The names re-exported here are loaded on first use, so importing the
+package or ``codec`` never imports asyncio.
 """
 
-from nodeagent.stun.client import DEFAULT_PORT, StunTimeout, stun_query
-from nodeagent.stun.codec import (
-    StunError,
-    build_binding_request,
-    build_binding_response,
-    is_stun,
-    new_txid,
-    parse_binding_request,
-    parse_binding_response,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodeagent.stun.client import DEFAULT_PORT, StunTimeout, stun_query
+    from nodeagent.stun.codec import (
+        StunError,
+        build_binding_request,
+        build_binding_response,
+        is_stun,
+        new_txid,
+        parse_binding_request,
+        parse_binding_response,
+    )
+
+_LAZY = {
+    "DEFAULT_PORT": "client",
+    "StunError": "codec",
+    "StunTimeout": "client",
+    "build_binding_request": "codec",
+    "build_binding_response": "codec",
+    "is_stun": "codec",
+    "new_txid": "codec",
+    "parse_binding_request": "codec",
+    "parse_binding_response": "codec",
+    "stun_query": "client",
+}
 
 __all__ = [
     "DEFAULT_PORT",
@@ -27,3 +47,16 @@ __all__ = [
     "parse_binding_response",
     "stun_query",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    sub = _LAZY.get(name)
+    if sub is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{sub}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

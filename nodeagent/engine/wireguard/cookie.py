@@ -3,8 +3,9 @@
 ``CookieChecker`` is the receiving side, keyed by our own public key: it checks MAC1 on every
 handshake message, and under load checks MAC2 against a cookie bound to the sender's address
 (a keyed hash with a secret that changes every two minutes), answering with an encrypted cookie
-reply when MAC2 is missing or stale. ``CookieGenerator`` is the sending side, one per peer: it
-appends MAC1 (and MAC2 while it holds a fresh cookie from that peer) and consumes cookie replies.
+reply when MAC2 is missing or stale; its secrets and reply nonces come from an injectable
+``rng``. ``CookieGenerator`` is the sending side, one per peer: it appends MAC1 (and MAC2 while
+it holds a fresh cookie from that peer) and consumes cookie replies.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hmac
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from nodeagent.engine.wireguard.crypto import hash2, mac, xaead_decrypt, xaead_encrypt
@@ -40,12 +42,14 @@ def address_bytes(src: tuple[Any, ...]) -> bytes:
 class CookieChecker:
     """Our side: verify MACs of handshake messages sent to us, and make cookie replies."""
 
-    __slots__ = ("mac1_key", "cookie_key", "refresh", "_secret", "_secret_time")
+    __slots__ = ("mac1_key", "cookie_key", "refresh", "_rng", "_secret", "_secret_time")
 
-    def __init__(self, own_public: bytes, refresh: float) -> None:
+    def __init__(self, own_public: bytes, refresh: float,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
         self.mac1_key = hash2(LABEL_MAC1, own_public)
         self.cookie_key = hash2(LABEL_COOKIE, own_public)
         self.refresh = refresh
+        self._rng = rng  # n -> n random bytes: cookie secrets and reply nonces
         self._secret = b""
         self._secret_time = float("-inf")
 
@@ -61,10 +65,10 @@ class CookieChecker:
     def make_reply(self, msg: bytes, mac1_at: int, receiver: int, src: bytes, now: float) -> bytes:
         """A cookie reply to ``msg`` (whose sender index is ``receiver``) arrived from ``src``."""
         if now - self._secret_time > self.refresh:
-            self._secret = os.urandom(32)
+            self._secret = self._rng(32)
             self._secret_time = now
         cookie = mac(self._secret, src)
-        nonce = os.urandom(24)
+        nonce = self._rng(24)
         sealed = xaead_encrypt(self.cookie_key, nonce, cookie, msg[mac1_at:mac1_at + 16])
         return pack_cookie_reply(receiver, nonce, sealed)
 

@@ -5,12 +5,15 @@ datagrams to ``receive``/``receive_many``, outbound IP packets to ``encrypt``, a
 every ~0.25 s (or at ``next_deadline()``); whatever the core wants sent comes back as a list of
 ``(endpoint, datagram)``. Drops are counted by reason in ``drops``; no input raises out of
 ``receive``. Timing follows the whitepaper (section 6) with every constant in ``WGConfig``.
+Everything nondeterministic is injectable: ``clock``/``wallclock`` (timers, TAI64N timestamps)
+and ``rng`` (ephemeral keys, session indices, retransmit jitter, cookie secrets and nonces).
 Handshake processing lives in the ``handshake`` mixin; this module holds configuration, the
 transport-data paths (both directions) and the timers.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -68,7 +71,10 @@ class WireGuardCore(HandshakeMixin):
 
     def __init__(self, private_key: bytes, *, clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time, config: WGConfig | None = None,
-                 under_load: Callable[[], bool] | None = None) -> None:
+                 under_load: Callable[[], bool] | None = None,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
+        """``rng(n)`` returns ``n`` random bytes; the default is the OS's CSPRNG. A
+        deterministic one (tests only!) makes the core's output a function of its inputs."""
         if len(private_key) != 32:
             raise ValueError("a WireGuard private key is 32 bytes")
         self.private_key = bytes(private_key)
@@ -77,8 +83,9 @@ class WireGuardCore(HandshakeMixin):
         self._clock = clock
         self._wallclock = wallclock
         self._under_load_fn = under_load
+        self._rng = rng
         self._own_hash0 = initial_hash(self.public_key)
-        self._checker = CookieChecker(self.public_key, cfg.cookie_refresh_time)
+        self._checker = CookieChecker(self.public_key, cfg.cookie_refresh_time, rng)
         self._peers: dict[bytes, Peer] = {}
         self._keypairs: dict[int, Keypair] = {}  # local index → session
         self._handshakes: dict[int, Peer] = {}  # local index of our pending initiation → peer
@@ -89,7 +96,7 @@ class WireGuardCore(HandshakeMixin):
         self._load_count = 0
         self._load_until = float("-inf")
         self._buckets: dict[bytes, list[float]] = {}
-        self._rand = random.Random()
+        self._rand = random.Random(rng(32))  # retransmit jitter only
         # hot-path copies of config values (the config is read once, at construction)
         self._reject_after_time = cfg.reject_after_time
         self._rekey_on_receive = (cfg.reject_after_time - cfg.keepalive_timeout

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -84,9 +85,9 @@ def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
     return t1, t2, _hmac(t0, t2 + b"\x03")
 
 
-def generate_private_key() -> bytes:
-    """A clamped X25519 private key, the form ``wg genkey`` prints."""
-    k = bytearray(os.urandom(32))
+def generate_private_key(rng: Callable[[int], bytes] = os.urandom) -> bytes:
+    """A clamped X25519 private key, the form ``wg genkey`` prints, from 32 bytes of ``rng``."""
+    k = bytearray(rng(32))
     k[0] &= 248
     k[31] = (k[31] & 127) | 64
     return bytes(k)

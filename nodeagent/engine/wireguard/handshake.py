@@ -9,12 +9,11 @@ not meant to be used on its own. None of this is on the per-packet data path.
 from __future__ import annotations
 
 import random
-import secrets
 from collections.abc import Callable
 
 from nodeagent.engine.wireguard.config import WGConfig
 from nodeagent.engine.wireguard.cookie import CookieChecker, address_bytes
-from nodeagent.engine.wireguard.crypto import tai64n
+from nodeagent.engine.wireguard.crypto import generate_private_key, tai64n
 from nodeagent.engine.wireguard.messages import (
     COOKIE_REPLY_SIZE,
     INITIATION_MAC1,
@@ -57,6 +56,7 @@ class HandshakeMixin:
     _load_count: int
     _load_until: float
     _buckets: dict[bytes, list[float]]
+    _rng: Callable[[int], bytes]
     _rand: random.Random
 
     def _flush(self, peer: Peer, now: float, out: Outgoing) -> None:
@@ -64,7 +64,7 @@ class HandshakeMixin:
 
     def _new_index(self) -> int:
         while True:
-            i = secrets.randbits(32)
+            i = int.from_bytes(self._rng(4), "little")
             if i not in self._keypairs and i not in self._handshakes:
                 return i
 
@@ -91,7 +91,8 @@ class HandshakeMixin:
         self._clear_handshake(peer)
         index = self._new_index()
         made = create_initiation(self.public_key, peer.hash0, peer.public_key,
-                                 peer.static_static, index, self._timestamp())
+                                 peer.static_static, index, self._timestamp(),
+                                 generate_private_key(self._rng))
         if made is None:
             return
         body, state = made
@@ -195,7 +196,7 @@ class HandshakeMixin:
             drops["rate_limited"] += 1
             return
         index = self._new_index()
-        made = create_response(init, peer.psk, index)
+        made = create_response(init, peer.psk, index, generate_private_key(self._rng))
         if made is None:
             drops["handshake_failed"] += 1
             return

@@ -2,7 +2,9 @@
 
 Each step takes the chaining key and transcript hash it continues from and returns the new ones,
 so the caller (``core``) owns all state. Message bodies end before MAC1; ``cookie`` appends MACs.
-A step that fails authentication returns ``None`` — never raises on network input.
+A step that fails authentication returns ``None`` — never raises on network input. The steps
+that make an ephemeral key take it as an argument when the caller wants to choose it (tests);
+otherwise they draw a fresh one from the OS.
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ class ConsumedInitiation(NamedTuple):
 
 def create_initiation(
     own_public: bytes, peer_hash0: bytes, peer_public: bytes, static_static: bytes,
-    sender: int, timestamp: bytes,
+    sender: int, timestamp: bytes, ephemeral: bytes | None = None,
 ) -> tuple[bytes, InitiationState] | None:
-    """Body (up to MAC1) of an initiation to ``peer_public`` and the state to keep."""
-    eph = generate_private_key()
+    """Body (up to MAC1) of an initiation to ``peer_public`` and the state to keep.
+    ``ephemeral``: the ephemeral private key to use (default: a fresh one)."""
+    eph = generate_private_key() if ephemeral is None else ephemeral
     eph_pub = public_key(eph)
     c = kdf1(CHAIN0, eph_pub)
     h = hash2(peer_hash0, eph_pub)
@@ -106,10 +109,11 @@ def finish_initiation(part: ConsumedInitiation, static_static: bytes) -> Consume
     return part._replace(timestamp=ts, chain=c, hash=h)
 
 
-def create_response(init: ConsumedInitiation, psk: bytes,
-                    sender: int) -> tuple[bytes, bytes, bytes] | None:
-    """Body (up to MAC1) of the response, and the responder's (receive_key, send_key)."""
-    eph = generate_private_key()
+def create_response(init: ConsumedInitiation, psk: bytes, sender: int,
+                    ephemeral: bytes | None = None) -> tuple[bytes, bytes, bytes] | None:
+    """Body (up to MAC1) of the response, and the responder's (receive_key, send_key).
+    ``ephemeral``: the ephemeral private key to use (default: a fresh one)."""
+    eph = generate_private_key() if ephemeral is None else ephemeral
     eph_pub = public_key(eph)
     c = kdf1(init.chain, eph_pub)
     h = hash2(init.hash, eph_pub)
