@@ -3,8 +3,9 @@ with the netmap.
 
 ``DataPlane.start()`` opens the TUN device and attaches the Wrapper and engine to the backend (so
 extensions get their tundev/engine hooks). ``apply_netmap()`` turns each netmap into kernel
-state (addresses and routes on the TUN, through netlink), a new packet filter (keeping the flow
-table, so established UDP flows survive a policy push) and the engine's peer set (the transport
+state (addresses and routes on the TUN, through netlink), a new packet filter swapped into the
+Wrapper whole (filters are immutable; the new one shares the old one's flow table, so replies to
+flows opened before a policy push still pass) and the engine's peer set (the transport
 keeps sessions of peers that did not change). A netmap that cannot be applied is logged in one
 line and the previous state stays.
 """
@@ -39,16 +40,19 @@ class DataPlane:
         self.tun: Any = tun
         self.wrapper: Wrapper | None = None
         self.engine: Engine | None = None
-        self.filter: Filter | None = None
         self.addresses: list[str] = []
         self.routes: set[str] = set()
+
+    @property
+    def filter(self) -> Filter | None:
+        """The packet filter in force (the Wrapper's; None before ``start``)."""
+        return self.wrapper.filter if self.wrapper is not None else None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.tun is None:
             self.tun = TunDevice.create(self.tun_name, mtu=self.mtu)
         prefs = self.backend.prefs
-        self.filter = Filter([], [], shields_up=prefs.ShieldsUp)
-        self.wrapper = Wrapper(self.tun, self.filter)
+        self.wrapper = Wrapper(self.tun, Filter([], [], shields_up=prefs.ShieldsUp))
         self.engine = Engine(self.wrapper, self.transport, loop=loop,
                              fast_failure=prefs.FastFailure)
         self.backend.set_tundev(self.wrapper)
@@ -66,11 +70,10 @@ class DataPlane:
             rules = None
         addrs = [_host_prefix(a) for a in nm.SelfNode.Addresses]
         if rules is not None or addrs != self.addresses:
-            old = self.filter
-            keep = rules if rules is not None else (old.rules if old is not None else [])
-            self.filter = Filter(keep, addrs, shields_up=self.backend.prefs.ShieldsUp,
-                                 flows=old.flows if old is not None else None)
-            self.wrapper.set_filter(self.filter)
+            old = self.wrapper.filter
+            self.wrapper.set_filter(Filter(rules if rules is not None else old.rules, addrs,
+                                           shields_up=self.backend.prefs.ShieldsUp,
+                                           flows=old.flows))
         self._sync_addresses(addrs)
         peers = [PeerConfig(key=n.Key, name=n.HostName or n.Name,
                             allowed_ips=list(n.AllowedIPs or n.Addresses),

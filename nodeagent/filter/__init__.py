@@ -2,8 +2,9 @@
 
 Modules: ``rules`` (``FilterRule`` and the tailcfg JSON shape), ``match`` (rules compiled into
 prefix tables, plus a naive reference matcher), ``flows`` (bounded LRU of outbound flows) and
-``core`` (``Filter`` with its ``check_in`` / ``check_out`` verdicts). This package re-exports
-their public API.
+``core`` (the immutable ``Filter`` with its ``check_in`` / ``check_out`` verdicts; a policy or
+shields-up change builds a new one that shares the flow table). This package re-exports their
+public API.
 """
 
 from nodeagent.filter.core import (

@@ -26,15 +26,25 @@ Inbound (peers → host), in order:
 8. Rule match → ``ACCEPT``, else ``DROP_ACL``. ICMP echo requests (and other non-response ICMP
    types) match by addresses and protocol with ports ignored; other portless protocols need a
    rule naming the protocol with an all-ports destination.
+
+A ``Filter`` is immutable: rules, compiled matcher, local addresses, ``shields_up`` and
+``drop_fragments`` are fixed when it is built, and setting or deleting any attribute raises
+``AttributeError``. A policy push builds a new ``Filter`` (passing ``flows=`` so the flow table
+carries over) and shields-up is a separate filter, :meth:`Filter.with_shields_up`; the TUN wrapper
+installs either with one attribute store. The only mutable state a filter points at is shared on
+purpose: the :class:`~nodeagent.filter.flows.FlowTable` (so replies to flows opened before a swap
+still pass after it) and the verdict counters (shared between a filter and its shields twin, so
+toggling shields-up does not reset them).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from nodeagent.filter.flows import FAMILY_V6, FlowTable
+from nodeagent.filter.flows import FAMILY_V6, FlowKey, FlowTable
 from nodeagent.filter.match import Matcher
 from nodeagent.filter.rules import FilterRule, Network
 from nodeagent.packet.parsed import (
@@ -95,6 +105,15 @@ def _local_sets(prefixes: Iterable[str | Network]) -> tuple[
     return frozenset(hosts[4]), freeze(4), frozenset(hosts[6]), freeze(6)
 
 
+def _built(obj: object) -> bool:
+    """Whether ``__init__`` already ran on ``obj`` (its matcher slot is filled)."""
+    try:
+        object.__getattribute__(obj, "matcher")
+    except AttributeError:
+        return False
+    return True
+
+
 def _in_nets(nets: _LocalNets, ip: int) -> bool:
     for mask, members in nets:
         if ip & mask in members:
@@ -102,11 +121,15 @@ def _in_nets(nets: _LocalNets, ip: int) -> bool:
     return False
 
 
+_set = object.__setattr__
+
+
 class Filter:
-    """Inbound ACL + outbound flow tracking. ``shields_up`` may be flipped at any time.
+    """Inbound ACL + outbound flow tracking; immutable once built (see the module docstring).
 
     ``flows`` lets a replacement filter (new rules from a netmap update) keep the flow table of
-    the one it replaces, so established UDP flows survive the update.
+    the one it replaces, so established UDP flows survive the update. Shields-up is a flag fixed
+    at construction: :meth:`with_shields_up` gives the filter to swap in when it changes.
     """
 
     __slots__ = (
@@ -125,9 +148,23 @@ class Filter:
         "_out",
     )
 
+    shields_up: bool
+    drop_fragments: bool
+    rules: tuple[FilterRule, ...]
+    matcher: Matcher
+    flows: FlowTable
+    _entries: OrderedDict[FlowKey, float]
+    _lru_only: bool
+    _hosts4: frozenset[int]
+    _nets4: _LocalNets
+    _hosts6: frozenset[int]
+    _nets6: _LocalNets
+    _in: list[int]
+    _out: list[int]
+
     def __init__(
         self,
-        rules: list[FilterRule],
+        rules: Iterable[FilterRule],
         local_prefixes: Iterable[str | Network],
         *,
         shields_up: bool = False,
@@ -137,20 +174,50 @@ class Filter:
         drop_fragments: bool = False,
         flows: FlowTable | None = None,
     ) -> None:
-        self.shields_up = bool(shields_up)
-        self.drop_fragments = drop_fragments
-        self.rules = list(rules)
-        self.matcher = Matcher(self.rules)
-        self.flows = flows if flows is not None else FlowTable(
-            flow_capacity, ttl=flow_ttl, clock=clock
-        )
+        if _built(self):
+            raise AttributeError("Filter is immutable: it cannot be initialised twice")
+        frozen_rules = tuple(rules)
+        table = flows if flows is not None else FlowTable(flow_capacity, ttl=flow_ttl, clock=clock)
+        hosts4, nets4, hosts6, nets6 = _local_sets(local_prefixes)
+        _set(self, "shields_up", bool(shields_up))
+        _set(self, "drop_fragments", bool(drop_fragments))
+        _set(self, "rules", frozen_rules)
+        _set(self, "matcher", Matcher(frozen_rules))
+        _set(self, "flows", table)
         # Hot-path shortcut: without a ttl a known flow only needs its recency bumped, done here
         # inline; anything else (new flow, eviction, ttl) goes through FlowTable's methods.
-        self._entries = self.flows.entries
-        self._lru_only = self.flows.ttl is None
-        self._hosts4, self._nets4, self._hosts6, self._nets6 = _local_sets(local_prefixes)
-        self._in = [0] * len(VERDICT_NAMES)
-        self._out = [0] * len(VERDICT_NAMES)
+        _set(self, "_entries", table.entries)
+        _set(self, "_lru_only", table.ttl is None)
+        _set(self, "_hosts4", hosts4)
+        _set(self, "_nets4", nets4)
+        _set(self, "_hosts6", hosts6)
+        _set(self, "_nets6", nets6)
+        _set(self, "_in", [0] * len(VERDICT_NAMES))
+        _set(self, "_out", [0] * len(VERDICT_NAMES))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"Filter is immutable: cannot set {name!r}; build a new Filter (or use "
+            "with_shields_up) and swap it in whole")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Filter is immutable: cannot delete {name!r}")
+
+    def with_shields_up(self, on: bool = True) -> Filter:
+        """The filter to install when shields-up becomes ``on``: ``self`` if it already is, else a
+        new Filter with the same rules, matcher, local addresses, flow table and counters.
+
+        With shields up every new inbound connection is refused (``DROP_SHIELDS``); replies to
+        flows this host opened, non-SYN TCP, ICMP responses, TSMP and (unless built with
+        ``drop_fragments``) non-first fragments still pass."""
+        on = bool(on)
+        if on is self.shields_up:
+            return self
+        twin = object.__new__(Filter)
+        for name in Filter.__slots__:
+            _set(twin, name, object.__getattribute__(self, name))
+        _set(twin, "shields_up", on)
+        return twin
 
     def check_out(self, p: Parsed) -> int:
         """Verdict for a packet from this host toward a peer; records the flow it belongs to."""

@@ -32,6 +32,8 @@ SrcIndex = tuple[tuple[int, dict[int, DstTable]], ...]
 
 _BITS = {4: 32, 6: 128}
 
+_set = object.__setattr__
+
 
 @functools.cache
 def _mask(version: int, plen: int) -> int:
@@ -101,52 +103,78 @@ def _build_table(version: int, entries: Iterable[_Entry]) -> DstTable:
     return table
 
 
+def _compile(rules: list[FilterRule]) -> tuple[int, int, SrcIndex, SrcIndex]:
+    """Rules → (rule count, distinct destination tables, IPv4 source index, IPv6 source index)."""
+    entries = [_rule_entries(r) for r in rules]
+    # (version, src plen, src net) → ids of the rules listing that source prefix.
+    src_rules: dict[tuple[int, int, int], list[int]] = {}
+    for i, r in enumerate(rules):
+        if not entries[i]:
+            continue
+        for s in r.srcs:
+            ids = src_rules.setdefault((s.version, s.prefixlen, int(s.network_address)), [])
+            if not ids or ids[-1] != i:
+                ids.append(i)
+    shared: dict[tuple[int, tuple[int, ...]], DstTable] = {}
+    per_len: dict[int, dict[int, dict[int, DstTable]]] = {4: {}, 6: {}}
+    for (version, plen, net), ids in src_rules.items():
+        key = (version, tuple(ids))
+        table = shared.get(key)
+        if table is None:
+            table = _build_table(version, (e for i in ids for e in entries[i]))
+            shared[key] = table
+        if table:
+            per_len[version].setdefault(plen, {})[net] = table
+    v4: SrcIndex = tuple(
+        (_mask(4, plen), nets) for plen, nets in sorted(per_len[4].items(), reverse=True)
+    )
+    v6: SrcIndex = tuple(
+        (_mask(6, plen), nets) for plen, nets in sorted(per_len[6].items(), reverse=True)
+    )
+    return len(rules), len(shared), v4, v6
+
+
 class Matcher:
-    """Compiled rule set; :meth:`match` costs O(distinct prefix lengths), not O(rules)."""
+    """Compiled rule set; :meth:`match` costs O(distinct prefix lengths), not O(rules).
+
+    Immutable: the tables are built once in ``__init__`` and setting or deleting an attribute
+    raises ``AttributeError`` (a new rule set means a new Matcher, inside a new Filter).
+    """
 
     __slots__ = ("_v4", "_v6", "rule_count", "table_count")
 
+    _v4: SrcIndex
+    _v6: SrcIndex
+    rule_count: int
+    table_count: int
+
     def __init__(self, rules: Iterable[FilterRule]) -> None:
+        try:
+            object.__getattribute__(self, "_v4")
+        except AttributeError:
+            pass
+        else:
+            raise AttributeError("Matcher is immutable: it cannot be initialised twice")
         # Compiling allocates many small containers that all survive; the cyclic collector
         # would rescan them repeatedly (over half the compile time at 10 000 rules) and can
         # find no garbage among them, so it waits until the tables are built.
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            self._compile(list(rules))
+            rule_count, table_count, v4, v6 = _compile(list(rules))
         finally:
             if was_enabled:
                 gc.enable()
+        _set(self, "rule_count", rule_count)
+        _set(self, "table_count", table_count)
+        _set(self, "_v4", v4)
+        _set(self, "_v6", v6)
 
-    def _compile(self, rules: list[FilterRule]) -> None:
-        self.rule_count = len(rules)
-        entries = [_rule_entries(r) for r in rules]
-        # (version, src plen, src net) → ids of the rules listing that source prefix.
-        src_rules: dict[tuple[int, int, int], list[int]] = {}
-        for i, r in enumerate(rules):
-            if not entries[i]:
-                continue
-            for s in r.srcs:
-                ids = src_rules.setdefault((s.version, s.prefixlen, int(s.network_address)), [])
-                if not ids or ids[-1] != i:
-                    ids.append(i)
-        shared: dict[tuple[int, tuple[int, ...]], DstTable] = {}
-        per_len: dict[int, dict[int, dict[int, DstTable]]] = {4: {}, 6: {}}
-        for (version, plen, net), ids in src_rules.items():
-            key = (version, tuple(ids))
-            table = shared.get(key)
-            if table is None:
-                table = _build_table(version, (e for i in ids for e in entries[i]))
-                shared[key] = table
-            if table:
-                per_len[version].setdefault(plen, {})[net] = table
-        self.table_count = len(shared)
-        self._v4: SrcIndex = tuple(
-            (_mask(4, plen), nets) for plen, nets in sorted(per_len[4].items(), reverse=True)
-        )
-        self._v6: SrcIndex = tuple(
-            (_mask(6, plen), nets) for plen, nets in sorted(per_len[6].items(), reverse=True)
-        )
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Matcher is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Matcher is immutable: cannot delete {name!r}")
 
     def match(self, version: int, proto: int, src: int, dst: int, port: int) -> bool:
         """Whether some rule admits the packet; ``port`` is ignored unless TCP/UDP/SCTP."""

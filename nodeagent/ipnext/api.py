@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 # A metrics sample: (name, help, labels, value); counters' names end in ``_total``.
 Sample = tuple[str, str, dict[str, str], float]
 # The data plane's rejection observer: (direction, proto, ip version, src ip, src port, dst ip,
-# dst port, reason, source, maybe_broken). Called on the hot path: keep it cheap.
+# dst port, reason, source, maybe_broken). Direction, reason and source use the connreject
+# vocabulary; addresses are the packet parser's ints, so nothing is formatted on the data path
+# unless the receiver is recording. Called on the hot path: keep it cheap.
 NoteFn = Callable[[str, int, int, int, int, int, int, str, str, bool], None]
 # A LocalAPI handler takes an ``aiohttp.web.Request`` and returns a ``web.StreamResponse``; the
 # types stay opaque here so that the core's domain side never imports the HTTP library.

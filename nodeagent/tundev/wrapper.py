@@ -6,6 +6,12 @@ engine's handler, pings are answered), inbound filter; when the filter drops a n
 (IPv4 and IPv6) — or the first packet of a UDP flow, rate-limited — send the sender a TSMP reject
 saying why (acl, or shields when shields-up caused it) and note an incoming observation.
 
+The wrapper holds the packet filter in force. Filters are immutable: a policy push
+(``set_filter``) or a shields-up change (``set_shields_up``, which installs the current filter's
+shields twin) replaces the whole object with one attribute store, atomic under the GIL. Each batch
+loads ``self.filter`` once, so it is judged by one filter from start to end; the flow table is
+shared by successive filters, so replies to flows opened before a swap still pass after it.
+
 The connection-rejection note site costs one attribute load and a ``None`` check when nothing is
 installed: ``set_conn_reject_note(fn)`` is how a feature installs one. Counters are plain ints;
 ``metrics_samples()`` renders them for the LocalAPI.
@@ -19,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from nodeagent.filter import ACCEPT, DROP_ACL, DROP_SHIELDS, Filter
+from nodeagent.ipnext.api import NoteFn
 from nodeagent.packet import (
     TSMP_REASON_ACL,
     TSMP_REASON_SHIELDS,
@@ -39,10 +46,6 @@ from nodeagent.packet.parsed import (
     Parsed,
 )
 
-# note(direction, proto, ip_version, src_ip, src_port, dst_ip, dst_port, reason, source,
-# maybe_broken): direction/reason/source use the connreject vocabulary; addresses are the parser's
-# ints so nothing is formatted on the data path unless the receiver is recording.
-NoteFn = Callable[[str, int, int, int, int, int, int, str, str, bool], None]
 PacketSink = Callable[[list[bytes]], None]
 
 UDP_REJECT_INTERVAL = 1.0  # at most one TSMP reject per blocked UDP flow per second
@@ -88,10 +91,14 @@ class Wrapper:
         self._to_peers = sink
 
     def set_filter(self, filt: Filter) -> None:
+        """Install ``filt`` whole (one attribute store); the next batch is judged by it."""
         self.filter = filt
 
     def set_shields_up(self, on: bool) -> None:
-        self.filter.shields_up = on
+        """Swap in the current filter with shields-up ``on``: the same rules, local addresses,
+        flow table and counters, so only new inbound connections change fate (refused with a
+        ``shields`` TSMP reject while up). Called on the loop thread, like ``set_filter``."""
+        self.filter = self.filter.with_shields_up(on)
 
     def start(self, loop: Any) -> None:
         self.tun.start(loop, self.from_host)

@@ -156,3 +156,74 @@ def test_wire_round_trip(rules: list[FilterRule]) -> None:
     want = [FilterRule(tuple(dict.fromkeys(r.srcs)), tuple(dict.fromkeys(r.dsts)), r.protos)
             for r in rules]
     assert back == want
+
+
+# --- immutable filters swapped whole -------------------------------------------------------
+
+ME4 = V4_BASE | 2
+FLOW_PORTS = st.integers(1, 4)  # few ports, so replies hit flows opened earlier
+
+
+@st.composite
+def traffic(draw: st.DrawFn) -> tuple[str, bytes]:
+    """("out", host → peer) or ("in", peer → host): UDP or TCP SYN on a small port space."""
+    direction = draw(st.sampled_from(["out", "in"]))
+    peer = V4_BASE | draw(st.integers(0, 2))
+    sport, dport = draw(FLOW_PORTS), draw(FLOW_PORTS)
+    src, dst = (ME4, peer) if direction == "out" else (peer, ME4)
+    if draw(st.booleans()):
+        return direction, build_udp(4, src, dst, sport, dport)
+    return direction, build_tcp(4, src, dst, sport, dport, 1, 0, TCP_SYN)
+
+
+def _run(f: Filter, pkts: list[tuple[str, bytes]]) -> list[int]:
+    p = Parsed()
+    out = []
+    for direction, pkt in pkts:
+        parse_into(pkt, p)
+        out.append(f.check_out(p) if direction == "out" else f.check_in(p))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(filter_rules(), max_size=6), st.booleans(), st.lists(traffic(), max_size=30))
+def test_shields_twin_is_indistinguishable_from_a_filter_built_that_way(
+        rules: list[FilterRule], shields: bool, pkts: list[tuple[str, bytes]]) -> None:
+    local = [f"{ipaddress.ip_address(ME4)}/32"]
+    built = Filter(rules, local, shields_up=shields, flow_capacity=5)
+    twin = Filter(rules, local, shields_up=not shields, flow_capacity=5).with_shields_up(shields)
+    assert twin.shields_up is shields
+    assert _run(built, pkts) == _run(twin, pkts)
+    assert list(built.flows.entries) == list(twin.flows.entries)
+    assert built.stats() == twin.stats()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(
+    st.lists(traffic(), max_size=8),
+    st.one_of(st.none(), st.booleans(), st.lists(filter_rules(), max_size=4)),
+), max_size=8))
+def test_replies_to_earlier_flows_pass_across_every_swap(
+        steps: list[tuple[list[tuple[str, bytes]], bool | list[FilterRule] | None]]) -> None:
+    """Traffic, then a swap (None: none; a bool: shields-up toggled; rules: a policy push), and
+    so on: a reply to any flow the host opened earlier passes whatever filter is in force."""
+    local = [f"{ipaddress.ip_address(ME4)}/32"]
+    f = Filter([], local)  # the flow table never evicts here (capacity 8192)
+    opened: set[tuple[int, int, int, int, int]] = set()
+    p = Parsed()
+    for pkts, swap in steps:
+        for direction, pkt in pkts:
+            parse_into(pkt, p)
+            key = (p.proto, p.src_ip, p.src_port, p.dst_ip, p.dst_port)
+            if direction == "out":
+                assert f.check_out(p) == ACCEPT
+                opened.add(key)
+            else:
+                reply_to = (p.proto, p.dst_ip, p.dst_port, p.src_ip, p.src_port)
+                verdict = f.check_in(p)
+                if reply_to in opened:
+                    assert verdict == ACCEPT, (pkt.hex(), f.shields_up)
+        if isinstance(swap, bool):
+            f = f.with_shields_up(swap)
+        elif swap is not None:
+            f = Filter(swap, local, shields_up=f.shields_up, flows=f.flows)

@@ -252,15 +252,17 @@ def test_other_protocols_need_explicit_proto_and_all_ports() -> None:
                 ).check_in(gre) == DROP_SHIELDS
 
 
-def test_shields_up_drops_new_flows_and_is_settable() -> None:
+def test_shields_up_drops_new_flows_and_has_a_shields_down_twin() -> None:
     f = filt(SSH, shields_up=True)
     assert f.shields_up is True
     assert f.check_in(syn(4, PEER4, ME4)) == DROP_SHIELDS
     assert f.check_in(udp(6, PEER6, ME6, dport=22)) == DROP_SHIELDS
     assert f.check_in(syn(4, OTHER4, ME4)) == DROP_SHIELDS  # shields, not acl, is the reason
-    f.shields_up = False
-    assert f.check_in(syn(4, PEER4, ME4)) == ACCEPT
-    assert f.check_in(syn(4, OTHER4, ME4)) == DROP_ACL
+    down = f.with_shields_up(False)
+    assert down is not f and down.shields_up is False and f.shields_up is True
+    assert down.check_in(syn(4, PEER4, ME4)) == ACCEPT
+    assert down.check_in(syn(4, OTHER4, ME4)) == DROP_ACL
+    assert f.check_in(syn(4, PEER4, ME4)) == DROP_SHIELDS  # the original is unchanged
 
 
 @pytest.mark.parametrize(("v", "me", "peer"), [(4, ME4, PEER4), (6, ME6, PEER6)])
@@ -273,8 +275,7 @@ def test_udp_reply_to_our_flow_accepted_without_rules_and_with_shields(
     assert f.check_in(reply) == ACCEPT
     # Only the exact reversed tuple: another source port or peer is still new.
     assert f.check_in(udp(v, peer, me, sport=54, dport=40000)) == DROP_SHIELDS
-    f.shields_up = False
-    assert f.check_in(udp(v, peer, me, sport=54, dport=40000)) == DROP_ACL
+    assert f.with_shields_up(False).check_in(udp(v, peer, me, sport=54, dport=40000)) == DROP_ACL
 
 
 def test_tcp_simultaneous_open_reply_accepted() -> None:
@@ -370,7 +371,7 @@ def test_stats_count_verdicts() -> None:
     f.check_in(syn(4, PEER4, OTHER4))
     f.check_in(P(b""))
     f.check_out(udp(4, ME4, PEER4))
-    f.shields_up = True
+    f = f.with_shields_up(True)  # the shields twin shares the counters: toggling keeps them
     f.check_in(syn(4, PEER4, ME4))
     s = f.stats()
     assert s["in_accept"] == 1 and s["in_acl"] == 1 and s["in_not_local"] == 1
