@@ -54,6 +54,7 @@ class PeerSpec(NamedTuple):
     preshared_key: bytes | None = None
     endpoint: Endpoint | None = None
     persistent_keepalive: int = 0
+    roaming: bool = True  # False: the endpoint stays as configured (a magicsock handle)
 
 
 class Result:
@@ -121,6 +122,7 @@ class WireGuardCore(HandshakeMixin):
                     old.spec_endpoint = spec.endpoint
                     if spec.endpoint is not None:
                         old.endpoint = spec.endpoint
+                old.roaming = spec.roaming
                 if spec.persistent_keepalive != old.persistent_keepalive:
                     old.persistent_keepalive = spec.persistent_keepalive
                     old.persistent_at = now if spec.persistent_keepalive else 0.0
@@ -133,6 +135,7 @@ class WireGuardCore(HandshakeMixin):
                 raise ValueError(f"peer key {key.hex()!r}: low-order point")
             peer = Peer(key, psk, spec.endpoint, spec.persistent_keepalive, initial_hash(key), ss,
                         CookieGenerator(key, cfg.cookie_refresh_time), cfg.queue_max)
+            peer.roaming = spec.roaming
             if spec.persistent_keepalive:
                 peer.persistent_at = now  # the first keepalive goes out at the next tick
             new[key] = peer
@@ -308,7 +311,7 @@ class WireGuardCore(HandshakeMixin):
                 return
             peer = kp.peer
             peer.rx_bytes += n
-            if src != peer.endpoint:
+            if src != peer.endpoint and peer.roaming:
                 peer.endpoint = src  # roaming: answer where authenticated traffic comes from
             if kp is peer.next:
                 self._confirm_next(peer, kp, now, to_send)

@@ -213,7 +213,8 @@ class HandshakeMixin:
         peer.previous = None
         peer.next = kp
         self._keypairs[index] = kp
-        peer.endpoint = src
+        if peer.roaming:
+            peer.endpoint = src
         peer.rx_bytes += INITIATION_SIZE
         peer.tx_bytes += len(reply)
         peer.last_sent_handshake = now  # give the initiator REKEY_TIMEOUT to confirm first
@@ -254,7 +255,8 @@ class HandshakeMixin:
                 self._keypairs.pop(old.local_index, None)
         peer.current = kp
         self._keypairs[receiver] = kp
-        peer.endpoint = src
+        if peer.roaming:
+            peer.endpoint = src
         peer.rx_bytes += RESPONSE_SIZE
         self._handshake_complete(peer)
         self._session_derived(peer, now)

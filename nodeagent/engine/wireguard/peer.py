@@ -54,7 +54,7 @@ class Peer:
         "previous", "current", "next", "queue",
         "retransmit_at", "attempts", "keepalive_at", "new_handshake_at", "zero_at",
         "persistent_at",
-        "rx_bytes", "tx_bytes", "last_handshake", "handshakes",
+        "rx_bytes", "tx_bytes", "last_handshake", "handshakes", "roaming",
     )
 
     def __init__(self, public_key: bytes, psk: bytes, endpoint: Endpoint | None,
@@ -89,3 +89,6 @@ class Peer:
         self.tx_bytes = 0
         self.last_handshake = 0.0  # wall clock of the last completed handshake, 0 = never
         self.handshakes = 0
+        # Roaming: answer where authenticated traffic comes from. Off when the endpoint is a
+        # path chooser's handle (magicsock decides where packets go, not the last source).
+        self.roaming = True
