@@ -44,6 +44,7 @@ class Agent:
         self.localapi = LocalAPIServer(self.backend, opts.socket)
         self.stopped = asyncio.Event()
         self.dataplane: Any = None
+        self.paths: Any = None  # magicsock.layer.PathLayer, with the data plane
         self.control: Any = None
 
     async def start(self) -> None:
@@ -65,13 +66,20 @@ class Agent:
     def _start_dataplane(self) -> None:
         from nodeagent.dataplane import DataPlane
         from nodeagent.engine.wgtransport import WireGuardTransport
+        from nodeagent.magicsock.layer import PathLayer
 
-        transport = WireGuardTransport(self.backend.state.node_key.private, port=self.opts.port)
+        st = self.backend.state
+        transport = WireGuardTransport(st.node_key.private, port=self.opts.port)
+        # magicsock chooses the paths of peers with a disco key (direct UDP or DERP).
+        self.paths = PathLayer(transport, st.node_key, st.disco_key)
         dp = DataPlane(self.backend, transport, tun_name=self.opts.tun or "")
         loop = asyncio.get_running_loop()
         dp.start(loop)
         assert dp.engine is not None
         transport.start(loop, dp.engine.deliver_from)
+        self.paths.start(loop)
+        self.backend.paths = self.paths
+        self.backend.host.register_metrics(self.paths.metrics_samples)
         self.dataplane = dp
         log.info("WireGuard: listening on UDP port %d", transport.port)
 
@@ -82,6 +90,8 @@ class Agent:
         self.control = ControlLink(self.backend, self.apply_netmap, port,
                                    self.opts.login_server or "", self.opts.auth_key)
         await self.control.start()
+        if self.paths is not None:
+            self.paths.set_on_endpoints(self.control.update_endpoints)
 
     def apply_netmap(self, nm: Any) -> None:
         """A netmap from control (or the static file): backend first, then the data plane.
@@ -94,6 +104,8 @@ class Agent:
         self.backend.set_netmap(nm)
         if self.dataplane is not None:
             self.dataplane.apply_netmap(nm)
+        if self.paths is not None:
+            self.paths.apply_derp_map(nm.DERPMap)
 
     def reload_netmap_file(self) -> bool:
         """Re-read ``--netmap-file`` and apply it; False (and one error line) if it is bad."""
@@ -113,6 +125,10 @@ class Agent:
         if self.control is not None:
             await self.control.stop()
             self.control = None
+        if self.paths is not None:
+            self.backend.paths = None
+            await self.paths.close()
+            self.paths = None
         if self.dataplane is not None:
             self.dataplane.close()
             self.dataplane = None

@@ -69,6 +69,7 @@ class LocalBackend:
         self.backend_state = NEEDS_LOGIN
         self.wrapper: Any = None
         self.engine: Any = None
+        self.paths: Any = None  # magicsock's PathLayer (pings, home region), with the data plane
         self.c2n = C2NRouter()
         self.extensions = ExtensionHost(features, strict=strict_hooks)
         self.host = BackendHost(self)

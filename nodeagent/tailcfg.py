@@ -7,12 +7,18 @@ Types are plain dataclasses; the control protocol encodes them with msgpack via 
 Endpoints (``"ip:port"``, ``"[ipv6]:port"``) are checked by one function, :func:`check_endpoint`,
 on both sides: the control server refuses a node that advertises a bad one, and a node drops
 bad ones from the peers of a netmap (:func:`drop_bad_endpoints`) before using them.
+
+The DERP map keeps all of Tailscale's DERP fields; :func:`derpmap_to_json` gives the exact JSON
+shape Tailscale serves (LocalAPI ``derpmap``) and :func:`marshal_json` writes JSON text the way
+Go's ``encoding/json`` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,15 +83,25 @@ class Node:
 
 @dataclass
 class DERPNode:
+    """One DERP (and/or STUN) server of a region; Tailscale's field names and meanings."""
+
     Name: str = ""
     RegionID: int = 0
     HostName: str = ""
-    IPv4: str = ""
-    IPv6: str = ""
-    STUNPort: int = 0
-    DERPPort: int = 0
-    InsecureForTests: bool = False
+    CertName: str = ""  # expected TLS name, or "sha256-raw:<hex>" pinning a self-signed leaf
+    IPv4: str = ""  # forced IPv4 address; a non-IP value (conventionally "none") disables IPv4
+    IPv6: str = ""  # likewise for IPv6
+    STUNPort: int = 0  # 0 = 3478, negative = no STUN
+    STUNOnly: bool = False
+    DERPPort: int = 0  # 0 = 443
+    InsecureForTests: bool = False  # skip TLS certificate verification
+    STUNTestIP: str = ""  # STUN goes to this IP instead (tests)
     CanPort80: bool = False
+
+    def is_test_node(self) -> bool:
+        """Tailscale's "test node": IPv4 127.0.0.1 or a STUNTestIP (probed in both families
+        whatever the interfaces say)."""
+        return self.IPv4 == "127.0.0.1" or self.STUNTestIP != ""
 
 
 @dataclass
@@ -93,12 +109,23 @@ class DERPRegion:
     RegionID: int = 0
     RegionCode: str = ""
     RegionName: str = ""
+    Latitude: float = 0.0
+    Longitude: float = 0.0
+    Avoid: bool = False  # deprecated: not chosen as a new home, still measured at first
+    NoMeasureNoHome: bool = False  # neither measured nor chosen as home
     Nodes: list[DERPNode] = field(default_factory=list)
+
+
+@dataclass
+class DERPHomeParams:
+    RegionScore: dict[int, float] = field(default_factory=dict)  # latency multiplier per region
 
 
 @dataclass
 class DERPMap:
     Regions: dict[int, DERPRegion] = field(default_factory=dict)
+    HomeParams: DERPHomeParams | None = None
+    OmitDefaultRegions: bool = False  # JSON name "omitDefaultRegions"
 
 
 @dataclass
@@ -159,7 +186,42 @@ def node_from_wire(data: Any, where: str = "node") -> Node:
     return n
 
 
+_DERP_STR = ("Name", "HostName", "CertName", "IPv4", "IPv6", "STUNTestIP", "RegionCode",
+             "RegionName")
+_DERP_INT = ("RegionID", "STUNPort", "DERPPort")
+_DERP_BOOL = ("STUNOnly", "InsecureForTests", "CanPort80", "Avoid", "NoMeasureNoHome")
+_DERP_FLOAT = ("Latitude", "Longitude")
+
+
+def _check_derp_fields(obj: Any, where: str) -> None:
+    """Wrong-typed DERP fields are refused (Go's decoder refuses them too); absent is fine."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        name = f.name
+        if name in _DERP_STR and not isinstance(v, str):
+            raise WireError(f"{where}.{name}: expected a string")
+        if name in _DERP_INT and (isinstance(v, bool) or not isinstance(v, int)):
+            raise WireError(f"{where}.{name}: expected an integer")
+        if name in _DERP_BOOL and not isinstance(v, bool):
+            raise WireError(f"{where}.{name}: expected true or false")
+        if name in _DERP_FLOAT:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise WireError(f"{where}.{name}: expected a finite number")
+            setattr(obj, name, float(v))
+
+
+def _region_key(k: Any, where: str) -> int:
+    if isinstance(k, bool):
+        raise WireError(f"{where}: region id {k!r} is not a number")
+    try:
+        return int(k)
+    except (TypeError, ValueError):
+        raise WireError(f"{where}: region id {k!r} is not a number") from None
+
+
 def derpmap_from_wire(data: Any, where: str = "DERPMap") -> DERPMap:
+    """A DERPMap from its JSON/msgpack shape. Unknown keys are ignored (newer servers add
+    fields); a known field of the wrong type is a :class:`WireError`."""
     if not isinstance(data, dict):
         raise WireError(f"{where}: expected an object")
     regions: dict[int, DERPRegion] = {}
@@ -167,16 +229,107 @@ def derpmap_from_wire(data: Any, where: str = "DERPMap") -> DERPMap:
     if not isinstance(raw, dict):
         raise WireError(f"{where}.Regions: expected an object")
     for rid, r in raw.items():
-        region = _from(DERPRegion, r, f"{where}.Regions[{rid}]")
-        region.Nodes = [
-            _from(DERPNode, n, f"{where}.Regions[{rid}].Nodes[{i}]")
-            for i, n in enumerate(region.Nodes or [])
-        ]
-        try:
-            regions[int(rid)] = region
-        except ValueError:
-            raise WireError(f"{where}.Regions: region id {rid!r} is not a number") from None
-    return DERPMap(Regions=regions)
+        rw = f"{where}.Regions[{rid}]"
+        region = _from(DERPRegion, r, rw)
+        nodes = region.Nodes if region.Nodes is not None else []
+        if not isinstance(nodes, list):
+            raise WireError(f"{rw}.Nodes: expected a list")
+        region.Nodes = [_from(DERPNode, n, f"{rw}.Nodes[{i}]") for i, n in enumerate(nodes)]
+        _check_derp_fields(region, rw)
+        for i, n in enumerate(region.Nodes):
+            _check_derp_fields(n, f"{rw}.Nodes[{i}]")
+        regions[_region_key(rid, f"{where}.Regions")] = region
+    dm = DERPMap(Regions=regions)
+    hp = data.get("HomeParams")
+    if hp is not None:
+        if not isinstance(hp, dict):
+            raise WireError(f"{where}.HomeParams: expected an object")
+        scores = hp.get("RegionScore") or {}
+        if not isinstance(scores, dict):
+            raise WireError(f"{where}.HomeParams.RegionScore: expected an object")
+        params = DERPHomeParams()
+        for k, v in scores.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise WireError(f"{where}.HomeParams.RegionScore[{k}]: expected a finite "
+                                "number")
+            params.RegionScore[_region_key(k, f"{where}.HomeParams.RegionScore")] = float(v)
+        dm.HomeParams = params
+    omit = data.get("omitDefaultRegions", data.get("OmitDefaultRegions", False))
+    if not isinstance(omit, bool):
+        raise WireError(f"{where}.omitDefaultRegions: expected true or false")
+    dm.OmitDefaultRegions = omit
+    return dm
+
+
+def _go_map(m: dict[int, Any]) -> dict[str, Any]:
+    """Go encodes a map with integer keys as decimal strings sorted as strings."""
+    return {k: m[int(k)] for k in sorted(str(i) for i in m)}
+
+
+def derpmap_to_json(dm: DERPMap | None) -> dict[str, Any] | None:
+    """``dm`` in the JSON shape Tailscale's tailcfg encodes (field order, ``omitempty``
+    fields left out, region IDs as string keys); None stays None (JSON ``null``)."""
+    if dm is None:
+        return None
+    out: dict[str, Any] = {}
+    if dm.HomeParams is not None:
+        hp: dict[str, Any] = {}
+        if dm.HomeParams.RegionScore:
+            hp["RegionScore"] = _go_map(dm.HomeParams.RegionScore)
+        out["HomeParams"] = hp
+    regions: dict[int, Any] = {}
+    for rid, r in dm.Regions.items():
+        reg: dict[str, Any] = {"RegionID": r.RegionID, "RegionCode": r.RegionCode,
+                               "RegionName": r.RegionName}
+        for name in ("Latitude", "Longitude", "Avoid", "NoMeasureNoHome"):
+            if getattr(r, name):
+                reg[name] = getattr(r, name)
+        reg["Nodes"] = [_derpnode_json(n) for n in r.Nodes]
+        regions[rid] = reg
+    out["Regions"] = _go_map(regions)
+    if dm.OmitDefaultRegions:
+        out["omitDefaultRegions"] = True
+    return out
+
+
+def _derpnode_json(n: DERPNode) -> dict[str, Any]:
+    out: dict[str, Any] = {"Name": n.Name, "RegionID": n.RegionID, "HostName": n.HostName}
+    for name in ("CertName", "IPv4", "IPv6", "STUNPort", "STUNOnly", "DERPPort",
+                 "InsecureForTests", "STUNTestIP", "CanPort80"):
+        if getattr(n, name):
+            out[name] = getattr(n, name)
+    return out
+
+
+_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
+               "\u2029": "\\u2029"}
+
+
+def _go_floats(obj: Any) -> Any:
+    if isinstance(obj, float) and obj.is_integer() and abs(obj) < 1e21:
+        return int(obj)
+    if isinstance(obj, dict):
+        return {k: _go_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_go_floats(v) for v in obj]
+    return obj
+
+
+def marshal_json(obj: Any, indent: str | None = None) -> str:
+    """JSON text as Go's ``encoding/json`` writes it: compact (``indent=None``) or indented with
+    ``indent`` and ``": "`` after keys, UTF-8 kept, and ``<``, ``>``, ``&``, U+2028, U+2029
+    escaped as Go's HTML-safe encoder does; a whole float is written without ``.0`` (Go's
+    ``40``, not ``40.0``). No trailing newline."""
+    obj = _go_floats(obj)
+    if indent is None:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    else:
+        text = json.dumps(obj, ensure_ascii=False, indent=indent, allow_nan=False)
+    # These characters can only occur inside JSON strings, so replacing them everywhere is safe.
+    for ch, esc in _GO_ESCAPES.items():
+        if ch in text:
+            text = text.replace(ch, esc)
+    return text
 
 
 def _user_id(k: Any) -> int:

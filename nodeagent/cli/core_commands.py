@@ -1,4 +1,5 @@
-"""The core's own commands: up, status, features, version, debug metrics."""
+"""The core's own commands: up, status, features, version, debug metrics (and, registered from
+here, the control and netcheck commands)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ def register(reg: CLIRegistry) -> None:
     reg.add_group(("debug",), "debugging commands (features add more)")
     reg.add_command(("debug", "metrics"), help="print the agent's counters (Prometheus text)",
                     run=_debug_metrics)
-    from nodeagent.cli import control_cmds
+    from nodeagent.cli import control_cmds, derp_cmd, netcheck_cmd, ping_cmd
 
     control_cmds.register(reg)
+    netcheck_cmd.register(reg)
+    derp_cmd.register(reg)
+    ping_cmd.register(reg)
 
 
 def _up_setup(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import pluggy
 
@@ -100,8 +99,3 @@ def _missing(name: str, installed: bool) -> Run:
 
 def _swallow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-
-
-def any_args(p: argparse.ArgumentParser) -> Any:
-    """Setup helper for commands that hand their arguments to another program's parser."""
-    _swallow_args(p)

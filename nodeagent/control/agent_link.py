@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -28,8 +27,8 @@ from nodeagent.control.client import (
 )
 from nodeagent.control.validate import hostname_label
 from nodeagent.errors import ConfigError
+from nodeagent.magicsock.localaddrs import local_endpoints
 from nodeagent.tailcfg import MAX_ENDPOINTS
-from nodeagent.tundev.netconf import call_in_netns
 
 if TYPE_CHECKING:
     from nodeagent.backend import LocalBackend
@@ -86,29 +85,13 @@ class ControlLink:
 
     def _endpoints(self) -> list[str]:
         """Local unicast addresses with the WireGuard port: direct paths peers can try."""
-        port = self.wg_port
-        if not port:
-            return []
-        try:
-            addrs = call_in_netns(None, _local_addresses)
-        except Exception as e:  # endpoints are an optimisation; never fail login over them
-            log.warning("cannot list local addresses for endpoints: %s", e)
-            return []
-        out = []
-        for addr in addrs:
-            ip = ipaddress.ip_address(addr)
-            if ip.is_loopback or ip.is_link_local or ip.is_multicast:
-                continue
-            if ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10"):
-                continue  # our own tailnet address: not a path to us
-            if ip.version == 6 and ip in ipaddress.ip_network("fd7a:115c:a1e0::/48"):
-                continue
-            out.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
-        eps = sorted(set(out))
-        if len(eps) > MAX_ENDPOINTS:
-            log.info("reporting %d of %d local endpoints (control takes at most %d)",
-                     MAX_ENDPOINTS, len(eps), MAX_ENDPOINTS)
-        return eps[:MAX_ENDPOINTS]
+        return local_endpoints(self.wg_port)
+
+    def update_endpoints(self, endpoints: list[str], home_derp: int) -> None:
+        """Report new endpoints and home DERP region (from magicsock's endpoint updates)."""
+        if self.client is not None:
+            self.client.update_endpoints(endpoints[:MAX_ENDPOINTS])
+            self.client.set_home_derp(home_derp)
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -123,9 +106,3 @@ class ControlLink:
 class ControlLoginError(ConfigError):
     """Login was refused or the server could not be reached at start: one line."""
 
-
-def _local_addresses() -> list[str]:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return [a for msg in ipr.get_addr() if (a := msg.get_attr("IFA_ADDRESS"))]

@@ -96,7 +96,8 @@ class ControlServer(AdminOps):
         if tok_path.exists():
             self.admin_token = tok_path.read_text().strip()
         else:
-            self.admin_token = secrets.token_urlsafe(32)
+            # Hex, so the token never starts with "-" (argparse would take it for a flag).
+            self.admin_token = secrets.token_hex(32)
             _write_secret(tok_path, self.admin_token)
         self.policy = self._initial_policy()
         self.sessions: dict[int, _Session] = {}

@@ -8,8 +8,9 @@ The names re-exported here are loaded on first use, so importing the package, ``
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from nodeagent.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from nodeagent.derp.client import DerpClient
@@ -37,14 +38,4 @@ __all__ = ["ClientConnection", "DerpClient", "DerpError", "FrameError", "FrameRe
            "FrameType", "PeerGoneReason", "ProtocolError"]
 
 
-def __getattr__(name: str) -> Any:
-    sub = _LAZY.get(name)
-    if sub is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{sub}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -171,6 +171,15 @@ class DerpClient:
         """Queue a packet without waiting for the socket buffer (callers drain in batches)."""
         self._writer.write(self._conn.send_packet(dst_key, pkt))
 
+    def send_many_nowait(self, dst_key: bytes, pkts: list[bytes]) -> None:
+        """Several packets to one destination in one write (a GSO burst from WireGuard)."""
+        send_packet = self._conn.send_packet
+        self._writer.write(b"".join([send_packet(dst_key, p) for p in pkts]))
+
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet taken by the socket."""
+        return self._writer.transport.get_write_buffer_size()
+
     async def drain(self) -> None:
         await self._writer.drain()
 

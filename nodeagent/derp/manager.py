@@ -96,6 +96,10 @@ PLAIN_HTTP_ENV = "NODEAGENT_DERP_PLAIN_HTTP"
 CERT_PIN_PREFIX = "sha256-raw:"
 
 QUEUE_LEN = 32  # packets waiting per region; the oldest is dropped when full
+# While a region is connected and its socket keeps up, packets are written at once (a whole
+# WireGuard burst in one write); past this many unsent bytes they queue behind the writer task,
+# which waits for the socket (and notices a stalled server).
+DIRECT_WRITE_HIGH_WATER = 1 << 20
 IDLE_TIMEOUT = 60.0  # a non-home connection not written for this long is closed
 IDLE_CHECK_INTERVAL = 15.0
 NODE_DIAL_TIMEOUT = 1.5  # TCP to one node (all its addresses)
@@ -254,6 +258,29 @@ def _describe(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+async def _sock_connect(loop: asyncio.AbstractEventLoop, s: socket.socket,
+                        addr: tuple[str, int]) -> None:
+    """Connect the non-blocking ``s`` to the numeric ``addr``. Not ``loop.sock_connect``:
+    uvloop's passes even a numeric address through getaddrinfo in libuv's thread pool, which
+    runs at most two lookups at once, so two hung DNS lookups (a HostName whose resolver does
+    not answer) would stall every dial behind them."""
+    try:
+        s.connect(addr)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    fd = s.fileno()
+    writable = loop.create_future()
+    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
 async def _race_tcp(targets: list[tuple[int, str]], port: int,
                     timeout: float) -> socket.socket:
     """A connected TCP socket to the first of ``targets`` (family, ip) that answers; attempts
@@ -267,7 +294,7 @@ async def _race_tcp(targets: list[tuple[int, str]], port: int,
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
-            await loop.sock_connect(s, (ip, port))
+            await _sock_connect(loop, s, (ip, port))
         except BaseException as e:
             s.close()
             if isinstance(e, OSError):
@@ -302,6 +329,67 @@ async def _race_tcp(targets: list[tuple[int, str]], port: int,
     return winner
 
 
+async def _dial_families(node: DERPNode, families: tuple[int, ...], port: int,
+                         tcp_timeout: float) -> socket.socket:
+    """A connected TCP socket to ``node``: its address families race, each taking the map's
+    forced address or resolving ``HostName`` on its own, so that a slow or failing DNS answer
+    for one family (an IPv6 lookup while IPv4 is forced) does not hold back the other. IPv4
+    goes first, IPv6 :data:`DIAL_STAGGER` later; each family's TCP attempts get
+    ``tcp_timeout`` once its addresses are known. :class:`DerpDialError` when nothing works."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    resolve_errors: list[str] = []
+    tcp_errors: list[str] = []
+    found = False
+
+    async def dial(i: int, fam: int) -> socket.socket:
+        nonlocal found
+        try:
+            ips = await node_addresses(node, fam)
+        except OSError as e:
+            resolve_errors.append(_describe(e))
+            raise
+        if not ips:
+            raise OSError("no address of this family")
+        found = True
+        if (wait := start + i * DIAL_STAGGER - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        try:
+            return await _race_tcp([(fam, ip) for ip in ips], port, tcp_timeout)
+        except OSError as e:
+            tcp_errors.append(str(e))
+            raise
+
+    tasks = [loop.create_task(dial(i, fam)) for i, fam in enumerate(families)]
+    winner: socket.socket | None = None
+
+    def discard(t: asyncio.Task[socket.socket]) -> None:
+        # A loser's socket is closed whenever it turns up. Not awaited: a lookup in progress
+        # may not stop at once when cancelled (uvloop's getaddrinfo runs to its end).
+        if not t.cancelled() and t.exception() is None and t.result() is not winner:
+            t.result().close()
+
+    try:
+        for fut in asyncio.as_completed(tasks):
+            try:
+                winner = await fut
+            except OSError:
+                continue
+            break
+    finally:
+        for t in tasks:
+            t.cancel()
+            t.add_done_callback(discard)
+    if winner is not None:
+        return winner
+    if not found:
+        fam = families[0] if len(families) == 1 else 0
+        what = "IPv4" if fam == socket.AF_INET else "IPv6" if fam else "IP"
+        why = "; ".join(resolve_errors) or f"no {what} address (map fields IPv4/IPv6, HostName)"
+        raise DerpDialError(node_label(node), why)
+    raise DerpDialError(node_label(node), f"TCP connect failed: {'; '.join(tcp_errors)}")
+
+
 async def open_node_stream(node: DERPNode, *, family: int | None = None,
                            plain_http: bool = False, tcp_timeout: float = NODE_DIAL_TIMEOUT,
                            tls_timeout: float = CONNECT_TIMEOUT
@@ -312,21 +400,7 @@ async def open_node_stream(node: DERPNode, *, family: int | None = None,
     :class:`DerpDialError` (one line naming the node) when nothing works."""
     port = node_port(node, plain_http)
     families = (family,) if family else (socket.AF_INET, socket.AF_INET6)
-    targets: list[tuple[int, str]] = []
-    errors: list[str] = []
-    for fam in families:
-        try:
-            targets += [(fam, ip) for ip in await node_addresses(node, fam)]
-        except OSError as e:
-            errors.append(_describe(e))
-    if not targets:
-        what = "IPv4" if family == socket.AF_INET else "IPv6" if family else "IP"
-        why = "; ".join(errors) or f"no {what} address (map fields IPv4/IPv6, HostName)"
-        raise DerpDialError(node_label(node), why)
-    try:
-        sock = await _race_tcp(targets, port, tcp_timeout)
-    except OSError as e:
-        raise DerpDialError(node_label(node), f"TCP connect failed: {e}") from None
+    sock = await _dial_families(node, families, port, tcp_timeout)
     try:
         if plain_http:
             return await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
@@ -553,23 +627,41 @@ class DerpManager:
     # --- sending ----------------------------------------------------------------------------
 
     def send(self, region: int, dst_key: bytes, pkt: bytes) -> bool:
-        """Queue ``pkt`` for ``dst_key`` via ``region``, dialling it if needed. Never blocks or
+        """Send ``pkt`` to ``dst_key`` via ``region``, dialling it if needed. Never blocks or
         raises: False when the region is not in the DERP map (or has no DERP node), the key or
-        packet is unusable, or the manager is closed. A full queue drops its oldest packet."""
+        packet is unusable, or the manager is closed. See :meth:`send_many`."""
+        return self.send_many(region, dst_key, [pkt])
+
+    def send_many(self, region: int, dst_key: bytes, pkts: list[bytes]) -> bool:
+        """Send packets to one destination via ``region``. Connected and keeping up: written at
+        once, in one write. Otherwise they wait in the region's queue, which drops its oldest
+        packet when full."""
         try:
-            if self._closed or len(dst_key) != F.KEY_LEN or len(pkt) > F.MAX_PACKET_SIZE:
+            if self._closed or len(dst_key) != F.KEY_LEN:
+                return False
+            pkts = [p for p in pkts if len(p) <= F.MAX_PACKET_SIZE]
+            if not pkts:
                 return False
             r = self._regions.get(region)
             if r is None:
                 r = self._ensure(region)
                 if r is None:
                     return False
-            q = r.queue
-            if len(q) >= self.queue_len:
-                q.popleft()
-                self._drop(region, "queue_full")
-            q.append((dst_key, pkt))
             r.last_write = self._clock()
+            q = r.queue
+            client = r.client
+            if (client is not None and not q and not r.stop
+                    and client.write_buffer_size() < DIRECT_WRITE_HIGH_WATER):
+                client.send_many_nowait(dst_key, pkts)
+                c = self._counters[region]
+                c["packets_sent"] += len(pkts)
+                c["bytes_sent"] += sum(map(len, pkts))
+                return True
+            for pkt in pkts:
+                if len(q) >= self.queue_len:
+                    q.popleft()
+                    self._drop(region, "queue_full")
+                q.append((dst_key, pkt))
             if r.task is None:
                 self._start(r)
             else:

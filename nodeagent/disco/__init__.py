@@ -7,8 +7,9 @@ crypto nor (ever) asyncio.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from nodeagent.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from nodeagent.disco.codec import (
@@ -55,16 +56,4 @@ __all__ = [
     "sender_key",
 ]
 
-_LAZY = frozenset(__all__)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.codec"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(__all__, "codec"))

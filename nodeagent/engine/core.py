@@ -107,10 +107,6 @@ class Engine:
     def set_fast_failure(self, on: bool) -> None:
         self.fast_failure = on
 
-    def peer_for_ip(self, ip: str) -> PeerConfig | None:
-        a = ipaddress.ip_address(ip)
-        return self.routes.lookup(a.version, int(a))
-
     # --- data path -------------------------------------------------------------------------
     def _route_out(self, pkts: list[bytes]) -> None:
         routes = self.routes
@@ -200,17 +196,18 @@ class Engine:
         self._arm()
 
     def _peer_info(self, version: int, ip: int) -> PeerInfo | None:
-        hit = self.routes.lookup_with_length(version, ip)
-        if hit is None:
+        peer = self.routes.lookup(version, ip)
+        if peer is None:
             return None
-        peer, plen = hit
         st = self.transport.peer_state(peer.key)
         return PeerInfo(
             name=peer.name or peer.key[:16],
-            has_disco_key=True,  # every nodeagent peer has one; pre-disco clients don't exist here
+            # No disco key and no static endpoint: nothing can find a path to it (a peer with
+            # a static endpoint but no disco key is a plain WireGuard peer, reachable directly).
+            has_disco_key=bool(peer.disco_key or peer.endpoints),
             home_derp=peer.home_derp,
             in_wireguard=st.configured,
-            only_default_route=plen == 0,
+            only_default_route=_only_default_route(peer, version, ip),
             online=peer.online,
             last_handshake=st.last_handshake,
             last_rx=st.last_rx,
@@ -250,6 +247,15 @@ class Engine:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _only_default_route(peer: PeerConfig, version: int, ip: int) -> bool:
+    """Whether ``ip`` reaches ``peer`` only through a /0 of its allowed IPs (an exit node that
+    may simply not be selected): no longer prefix of the peer's covers it. The route table
+    matched ``peer`` by longest prefix, so this is the same as "the longest match was a /0"."""
+    addr = ipaddress.IPv4Address(ip) if version == 4 else ipaddress.IPv6Address(ip)
+    return not any(net.prefixlen and addr in net
+                   for net in (ipaddress.ip_network(p, strict=False) for p in peer.allowed_ips))
 
 
 def _rst_for(flow: PendingFlow) -> bytes:

@@ -29,6 +29,7 @@ class RouteTable(Generic[T]):
         self._lengths[v] = sorted(self._tables[v], reverse=True)
 
     def lookup(self, version: int, ip: int) -> T | None:
+        """The value of the longest prefix containing ``ip`` (an int of IP ``version``)."""
         tables = self._tables.get(version)
         if not tables:
             return None
@@ -38,18 +39,6 @@ class RouteTable(Generic[T]):
             hit = tables[plen].get(ip & mask)
             if hit is not None:
                 return hit
-        return None
-
-    def lookup_with_length(self, version: int, ip: int) -> tuple[T, int] | None:
-        tables = self._tables.get(version)
-        if not tables:
-            return None
-        bits = _BITS[version]
-        for plen in self._lengths[version]:
-            mask = ((1 << plen) - 1) << (bits - plen) if plen else 0
-            hit = tables[plen].get(ip & mask)
-            if hit is not None:
-                return hit, plen
         return None
 
     def __len__(self) -> int:

@@ -9,7 +9,13 @@ protocol's timers (handshake retries, keepalives, rekeys, expiry).
 
 A peer's endpoint is the first of its configured ones that ``tailcfg.check_endpoint`` accepts
 (and the socket's family can reach); the others are ignored with one log line per
-``configure``. Sending never raises: a destination the socket refuses outright drops the
+``configure``. With a path router attached (:meth:`WireGuardTransport.set_router`, magicsock),
+peers the router wants (those with a disco key) get a ``magicsock.endpoint.PeerRef`` as their
+WireGuard endpoint and no roaming: the router decides per packet between a direct UDP address
+and DERP. Datagrams that are not WireGuard (disco, STUN) go to the router, and packets the
+router received over DERP come back through :meth:`WireGuardTransport.receive_external`.
+
+Sending never raises: a destination the socket refuses outright drops the
 datagrams to it (counted as ``bad_destination``, logged once per destination) and the rest of
 the batch still goes out.
 """
@@ -21,7 +27,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from nodeagent.engine.core import PeerConfig, PeerState
 from nodeagent.engine.udpbatch import (
@@ -33,7 +39,9 @@ from nodeagent.engine.udpbatch import (
     split_gro,
 )
 from nodeagent.engine.wireguard import PeerSpec, WGConfig, WireGuardCore
+from nodeagent.engine.wireguard import messages as msg
 from nodeagent.keys import NODE_PREFIX, parse_public
+from nodeagent.magicsock.endpoint import DerpAddr, PeerRef
 from nodeagent.tailcfg import check_endpoint
 
 log = logging.getLogger("nodeagent.wireguard")
@@ -43,8 +51,22 @@ TICK_INTERVAL = 0.25
 RECV_SIZE = 65535
 SOCKET_BUFFER = 4 << 20
 MAX_BAD_DESTINATIONS_LOGGED = 64  # distinct bad destinations logged (each once) per transport
+HANDSHAKE_TYPES = {msg.MSG_INITIATION: "initiation", msg.MSG_RESPONSE: "response",
+                   msg.MSG_COOKIE_REPLY: "cookie_reply"}
+_HANDSHAKE_SIZES = (0, msg.INITIATION_SIZE, msg.RESPONSE_SIZE, msg.COOKIE_REPLY_SIZE)
 
 Deliver = Callable[[str, list[bytes]], None]  # (peer key text, plaintext packets)
+
+
+class PathRouter(Protocol):
+    """Chooses paths for the peers it wants (magicsock's adapter implements this)."""
+
+    def wants(self, peer: PeerConfig) -> bool: ...
+    def configure(self, peers: list[PeerConfig]) -> None: ...
+    def send_wg(self, node_key: bytes, segs: list[bytes]) -> None: ...
+    def send_derp(self, dst: DerpAddr, segs: list[bytes]) -> None: ...
+    def on_udp_other(self, data: bytes, src: tuple[str, int]) -> None: ...
+    def peer_path(self, node_key: bytes) -> tuple[bool, str]: ...  # (has a path, CurAddr)
 
 
 class WireGuardTransport:
@@ -65,6 +87,14 @@ class WireGuardTransport:
         self.counters = {"rx_datagrams": 0, "tx_datagrams": 0, "send_errors": 0,
                          "no_endpoint": 0, "bad_destination": 0}
         self._bad_logged: set[str] = set()
+        self.router: PathRouter | None = None
+        self._routed: set[bytes] = set()  # raw keys of peers whose paths the router chooses
+        # handshake messages sent, indexed by message type (shows which side initiated)
+        self.handshakes_sent = [0] * msg.MSG_TRANSPORT
+
+    def set_router(self, router: PathRouter | None) -> None:
+        """Attach the path chooser before the first ``configure``."""
+        self.router = router
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
@@ -117,6 +147,8 @@ class WireGuardTransport:
         specs = []
         keys: dict[str, bytes] = {}
         bad: list[str] = []
+        router = self.router
+        routed: set[bytes] = set()
         for p in peers:
             try:
                 raw = parse_public(p.key, NODE_PREFIX)
@@ -124,7 +156,14 @@ class WireGuardTransport:
                 log.error("peer %s: %s", p.name or p.key, e)
                 continue
             keys[p.key] = raw
+            if router is not None and router.wants(p):
+                routed.add(raw)
+                specs.append(PeerSpec(raw, endpoint=PeerRef(raw), roaming=False))
+                continue
             specs.append(PeerSpec(raw, endpoint=self._endpoint(p.endpoints, bad)))
+        if router is not None:
+            router.configure([p for p in peers if p.key in keys])
+        self._routed = routed
         if bad:
             log.warning("ignored %d invalid peer endpoint(s), first: %s", len(bad), bad[0])
         self._keys = keys
@@ -162,11 +201,25 @@ class WireGuardTransport:
         if sock is None or offload is None:
             return
         counters = self.counters
+        hs_sent = self.handshakes_sent
+        for ep, data in out:
+            # types 1-3 have fixed sizes; other datagrams sent here (STUN, disco) never count
+            if data and data[0] < msg.MSG_TRANSPORT and ep is not None:
+                if len(data) == _HANDSHAKE_SIZES[data[0]]:
+                    hs_sent[data[0]] += 1
+        router = self.router
         sent = 0
         for ep, segs in gso_groups(out):
             if ep is None:
                 counters["no_endpoint"] += len(segs)
                 continue
+            if router is not None:
+                if type(ep) is PeerRef:
+                    router.send_wg(ep.key, segs)
+                    continue
+                if type(ep) is DerpAddr:
+                    router.send_derp(ep, segs)
+                    continue
             failed, loud = offload.send(sock, ep, segs)
             sent += len(segs) - failed
             if failed:
@@ -178,6 +231,26 @@ class WireGuardTransport:
                 if loud is not None:
                     log.warning("UDP send to %s: %s", ep, loud)
         counters["tx_datagrams"] += sent
+
+    def send_udp(self, host: str, port: int, segs: list[bytes]) -> None:
+        """Send datagrams to a real UDP address (the router's direct path, disco, STUN)."""
+        self._sendto([(self._sockaddr(host, port), s) for s in segs])
+
+    def receive_external(self, data: bytes, src: Any) -> None:
+        """A WireGuard datagram that arrived another way (DERP): same path as UDP."""
+        self.receive_external_batch([(data, src)])
+
+    def receive_external_batch(self, items: list[tuple[bytes, Any]]) -> None:
+        """WireGuard datagrams that arrived another way, decrypted and delivered together."""
+        to_send: list[tuple[Any, bytes]] = []
+        plain: list[tuple[bytes, bytes]] = []
+        receive_into = self.core.receive_into
+        for data, src in items:
+            receive_into(data, src, to_send, plain)
+        if to_send:
+            self._sendto(to_send)
+        if plain:
+            self._deliver_plain(plain)
 
     def _log_bad_destination(self, e: BadDestination) -> None:
         text = str(e)
@@ -195,6 +268,7 @@ class WireGuardTransport:
         plain: list[tuple[bytes, bytes]] = []
         receive_into = self.core.receive_into
         n = gro_buffers = 0
+        router = self.router
         for _ in range(READ_BATCH):
             try:
                 if gro:
@@ -205,7 +279,10 @@ class WireGuardTransport:
                         gro_buffers += 1
                         ep = src[:2]
                         for d in split_gro(data, seg):
-                            receive_into(d, ep, to_send, plain)
+                            if router is not None and (d[0] > 4 or d[1]):
+                                router.on_udp_other(d, _unmap(ep))
+                            else:
+                                receive_into(d, ep, to_send, plain)
                             n += 1
                         continue
                 else:
@@ -215,13 +292,22 @@ class WireGuardTransport:
             except OSError:
                 break  # ICMP errors surface here on Linux; nothing to do with them
             n += 1
+            # WireGuard messages start with a type 1-4 and three zero bytes; anything else
+            # (disco, STUN) belongs to the path router.
+            if router is not None and len(data) > 1 and (data[0] > 4 or data[1]):
+                router.on_udp_other(data, _unmap(src[:2]))
+                continue
             receive_into(data, src[:2], to_send, plain)
         self.counters["rx_datagrams"] += n
         offload.counters["gro_buffers"] += gro_buffers
         if to_send:
             self._sendto(to_send)
+        if plain:
+            self._deliver_plain(plain)
+
+    def _deliver_plain(self, plain: list[tuple[bytes, bytes]]) -> None:
         deliver = self._deliver
-        if deliver is None or not plain:
+        if deliver is None:
             return
         by_peer: dict[bytes, list[bytes]] = {}
         for key, pkt in plain:
@@ -255,6 +341,13 @@ class WireGuardTransport:
         last_hs = float(st.get("last_handshake") or 0.0)
         ep = st.get("endpoint")
         fresh = bool(last_hs) and time.time() - last_hs < 180
+        if raw in self._routed and self.router is not None:
+            has_path, cur = self.router.peer_path(raw)
+            return PeerState(
+                configured=True, reachable=fresh or has_path, last_handshake=last_hs,
+                last_rx=float(st.get("last_rx") or last_hs),
+                rx_bytes=int(st.get("rx_bytes") or 0), tx_bytes=int(st.get("tx_bytes") or 0),
+                cur_addr=cur)
         return PeerState(
             configured=True,
             # A peer counts as reachable with a recent handshake, or while we still have an
@@ -279,6 +372,9 @@ class WireGuardTransport:
              "UDP datagrams dropped because their destination address was unusable", {},
              self.counters["bad_destination"]),
         ]
+        s += [("nodeagent_wireguard_handshake_messages_sent_total",
+               "WireGuard handshake messages sent, by type", {"type": name},
+               self.handshakes_sent[t]) for t, name in HANDSHAKE_TYPES.items()]
         off = self.offload
         if off is not None:
             s += [
@@ -300,6 +396,13 @@ class WireGuardTransport:
             s.append(("nodeagent_wireguard_dropped_total",
                       "WireGuard messages dropped, by reason", {"reason": reason}, n))
         return s
+
+
+def _unmap(addr: tuple[str, int]) -> tuple[str, int]:
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:], addr[1]
+    return addr[0], addr[1]
 
 
 def _render(ep: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
+from nodeagent.keys import NODE_PREFIX, parse_public
 from nodeagent.tailcfg import Node
 from nodeagent.version import __version__
 
@@ -24,7 +25,8 @@ def rfc3339(ts: float | None) -> str:
     return f"{base}.{frac}Z" if frac else f"{base}Z"
 
 
-def _relay_code(backend: LocalBackend, region: int) -> str:
+def relay_code(backend: LocalBackend, region: int) -> str:
+    """The DERP map's code for ``region`` ("" when unknown or 0)."""
     nm = backend.netmap
     if not region or nm is None or nm.DERPMap is None:
         return ""
@@ -32,8 +34,26 @@ def _relay_code(backend: LocalBackend, region: int) -> str:
     return r.RegionCode if r else ""
 
 
+def _path_status(backend: LocalBackend, key: str) -> dict[str, Any] | None:
+    """magicsock's view of a peer (CurAddr, Active, LastWrite), or None when it has none."""
+    paths = backend.paths
+    if paths is None:
+        return None
+    try:
+        raw = parse_public(key, NODE_PREFIX)
+    except ValueError:
+        return None
+    return paths.peer_status(raw)
+
+
 def peer_status(backend: LocalBackend, n: Node, *, is_self: bool = False) -> dict[str, Any]:
     stats = backend.peer_stats(n.Key) if not is_self else {}
+    # A peer whose paths magicsock chooses is Active when we *sent* to it (data or a user's
+    # ping) within 45 s, as Tailscale reports it: not when the engine last received from it.
+    in_magicsock = False
+    if not is_self and (ps := _path_status(backend, n.Key)) is not None:
+        stats = {**stats, **ps}
+        in_magicsock = True
     return {
         "ID": n.StableID or (str(n.ID) if n.ID else ""),
         "PublicKey": n.Key,
@@ -46,7 +66,7 @@ def peer_status(backend: LocalBackend, n: Node, *, is_self: bool = False) -> dic
         "PrimaryRoutes": list(n.PrimaryRoutes) or None,
         "Addrs": list(n.Endpoints) or None,
         "CurAddr": stats.get("CurAddr", ""),
-        "Relay": _relay_code(backend, n.HomeDERP),
+        "Relay": relay_code(backend, n.HomeDERP),
         "RxBytes": stats.get("RxBytes", 0),
         "TxBytes": stats.get("TxBytes", 0),
         "Created": rfc3339(n.Created),
@@ -58,7 +78,7 @@ def peer_status(backend: LocalBackend, n: Node, *, is_self: bool = False) -> dic
         "ExitNode": False,
         "ExitNodeOption": any(r in ("0.0.0.0/0", "::/0") for r in n.AllowedIPs),
         "InNetworkMap": True,
-        "InMagicSock": bool(stats),
+        "InMagicSock": in_magicsock or bool(stats),
         "InEngine": bool(stats),
         "CapMap": dict(n.CapMap) if n.CapMap else None,
         "KeyExpiry": rfc3339(n.KeyExpiry) if n.KeyExpiry else None,

@@ -1,5 +1,6 @@
-"""The core's own LocalAPI endpoints: status, prefs, metrics; and :func:`read_json_body`, the
-one way a LocalAPI handler (core or feature) reads a JSON request body.
+"""The core's own LocalAPI endpoints: status, prefs, metrics, derpmap, debug-netcheck,
+debug-derp-region; and :func:`read_json_body`, the one way a LocalAPI handler (core or feature)
+reads a JSON request body.
 
 A body that is not JSON, is not UTF-8, holds a number with more than :data:`MAX_INT_DIGITS` digits
 or nests deeper than Python's recursion limit is refused with :class:`BodyError` (one line, 400);
@@ -9,6 +10,7 @@ own user may change ``OperatorUser``: the operator may write prefs but not hand 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +21,13 @@ from nodeagent.ipn.state import StateError
 from nodeagent.ipn.status import build_status
 from nodeagent.localapi.metrics import render_metrics
 from nodeagent.localapi.peercred import is_privileged, peer_uid
+from nodeagent.localapi.ping import register_ping_route
 from nodeagent.localapi.routes import READ, WRITE, LocalAPIRoutes, json_error
+from nodeagent.tailcfg import derpmap_to_json, marshal_json
 
 if TYPE_CHECKING:
     from nodeagent.backend import LocalBackend
+    from nodeagent.tailcfg import DERPMap
 
 MAX_INT_DIGITS = 64  # no LocalAPI value needs more; Python itself refuses ints past 4300 digits
 OPERATOR_FIELDS = ("OperatorUser",)  # prefs only root or the agent's own user may change
@@ -99,6 +104,44 @@ def register_core_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:
     routes.add("status", status, {"GET": READ})
     routes.add("prefs", prefs, {"GET": READ, "PATCH": WRITE})
     routes.add("metrics", metrics, {"GET": READ})
+    register_netcheck_routes(backend, routes)
+    register_derp_debug_routes(backend, routes)
+    register_ping_route(backend, routes)
+
+
+# Every method reaches the derpmap handler, so that a non-GET gets Tailscale's 400 "want GET".
+_ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def register_netcheck_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:
+    """``derpmap`` (Tailscale's: the current DERP map, tab-indented, ``null`` before a netmap)
+    and ``debug-netcheck`` (nodeagent's: run a netcheck from the agent, answer the Report)."""
+    one_at_a_time = asyncio.Lock()
+
+    def current() -> DERPMap | None:
+        nm = backend.netmap
+        return nm.DERPMap if nm is not None else None
+
+    async def derpmap(request: web.Request) -> web.StreamResponse:
+        if request.method != "GET":
+            return json_error(400, "want GET")
+        body = marshal_json(derpmap_to_json(current()), "\t") + "\n"
+        return web.Response(text=body, content_type="application/json")
+
+    async def debug_netcheck(request: web.Request) -> web.StreamResponse:
+        from nodeagent.netcheck.client import run_netcheck
+
+        dm = current()
+        if dm is None or not dm.Regions:
+            return json_error(412, "no DERP map (the agent has no netmap with a DERPMap yet)")
+        verbose = request.query.get("verbose", "") in ("1", "true")
+        async with one_at_a_time:
+            report = await run_netcheck(dm, verbose=verbose)
+        return web.Response(text=marshal_json(report.to_json(), "\t") + "\n",
+                            content_type="application/json")
+
+    routes.add("derpmap", derpmap, dict.fromkeys(_ANY_METHOD, READ))
+    routes.add("debug-netcheck", debug_netcheck, {"GET": READ})
 
 
 def _config(backend: LocalBackend) -> dict | None:
@@ -109,3 +152,19 @@ def _config(backend: LocalBackend) -> dict | None:
         "UserProfile": login.get("UserProfile", {}),
         "NodeID": login.get("NodeID", ""),
     }
+
+
+def register_derp_debug_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:
+    """``debug-derp-region`` (Tailscale's ``debug derp REGION``): POST, write permission; always
+    200 ``{"Info": [...], "Warnings": [...], "Errors": [...]}`` (empty lists ``null``), the checks
+    of :mod:`nodeagent.derp.debugcheck` against the current DERP map."""
+
+    async def debug_derp_region(request: web.Request) -> web.StreamResponse:
+        from nodeagent.derp.debugcheck import check_region
+
+        nm = backend.netmap
+        report = await check_region(nm.DERPMap if nm is not None else None,
+                                    request.query.get("region", ""))
+        return web.json_response(report.to_json())
+
+    routes.add("debug-derp-region", debug_derp_region, {"POST": WRITE})

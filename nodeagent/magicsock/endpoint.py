@@ -29,6 +29,12 @@ UDPAddr = tuple[str, int]
 FROM_NETMAP, FROM_CALL_ME_MAYBE, FROM_PING = "netmap", "call-me-maybe", "ping"
 
 
+class PeerRef(NamedTuple):
+    """The WireGuard endpoint of a peer whose paths magicsock chooses: its raw node key."""
+
+    key: bytes
+
+
 class DerpAddr(NamedTuple):
     """A DERP path, shaped like a socket address: ``("127.3.3.40", region)`` plus the node key
     the packet came from or goes to (Tailscale writes DERP paths as ``127.3.3.40:<region>``)."""
@@ -46,6 +52,7 @@ class DerpAddr(NamedTuple):
 class Candidate:
     sources: set[str] = field(default_factory=set)
     last_ping: float = float("-inf")
+    last_ping_back: float = float("-inf")  # our last ping answering one of theirs
     expires: float = float("inf")  # only for candidates learnt from pings
     latency: float | None = None  # latest pong round trip
 

@@ -98,10 +98,13 @@ def _fail(op: str, ifname: str, netns: str | None, e: BaseException) -> NetconfE
     return NetconfError(f"{op} {_where(ifname, netns)}: {reason}", code)
 
 
-def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+def call_in_netns(netns: str | None, fn: Callable[[], T], *,
+                  timeout: float | None = None) -> T:
     """Run ``fn`` in a fresh thread living in ``netns`` (or the caller's namespace, which a new
     thread inherits); return its result or re-raise its exception. The calling thread's
-    namespace is never touched, and the worker's dies with it."""
+    namespace is never touched, and the worker's dies with it. With ``timeout``, a call still
+    running after that many seconds raises ``TimeoutError`` (the daemon thread is left to
+    finish on its own)."""
     result: list[Any] = []
     error: list[BaseException] = []
 
@@ -119,7 +122,9 @@ def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
 
     t = threading.Thread(target=body, name=f"netconf-{netns or 'self'}", daemon=True)
     t.start()
-    t.join()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{fn!r} in netns {netns!r} still running after {timeout}s")
     if error:
         raise error[0]
     return result[0]
@@ -188,10 +193,6 @@ def _do_route(ipr: IPRoute, cmd: str, idx: int, cidr: str, table: int | None,
 # --- public operations -------------------------------------------------------------------------
 
 
-def link_index(ifname: str, *, netns: str | None = None) -> int:
-    return _with_ipr(netns, "looking up", ifname, lambda ipr: _index(ipr, ifname))
-
-
 def get_link(ifname: str, *, netns: str | None = None) -> LinkInfo | None:
     """The link's state and addresses, or ``None`` when no such link exists there."""
 
@@ -227,27 +228,6 @@ def link_routes(ifname: str, *, netns: str | None = None) -> list[str]:
     return _with_ipr(netns, "listing routes of", ifname, body)
 
 
-def set_link_up(ifname: str, *, netns: str | None = None) -> None:
-    _with_ipr(netns, "bringing up", ifname,
-              lambda ipr: ipr.link("set", index=_index(ipr, ifname), state="up"))
-
-
-def set_link_down(ifname: str, *, netns: str | None = None) -> None:
-    _with_ipr(netns, "bringing down", ifname,
-              lambda ipr: ipr.link("set", index=_index(ipr, ifname), state="down"))
-
-
-def set_mtu(ifname: str, mtu: int, *, netns: str | None = None) -> None:
-    _with_ipr(netns, f"setting MTU {mtu} on", ifname,
-              lambda ipr: ipr.link("set", index=_index(ipr, ifname), mtu=mtu))
-
-
-def rename_link(ifname: str, new_name: str, *, netns: str | None = None) -> None:
-    """Rename a link; the kernel only allows this while the link is down."""
-    _with_ipr(netns, f"renaming to {new_name!r}", ifname,
-              lambda ipr: ipr.link("set", index=_index(ipr, ifname), ifname=new_name))
-
-
 def add_address(ifname: str, cidr: str, *, netns: str | None = None) -> None:
     """Add ``addr/prefixlen`` (bare address = host prefix); IPv6 gets IFA_F_NODAD."""
     _split_cidr(cidr)  # reject bad input before touching the kernel
@@ -277,11 +257,6 @@ def del_route(ifname: str, cidr: str, *, netns: str | None = None,
     _network(cidr)
     _with_ipr(netns, f"deleting route {cidr} via", ifname,
               lambda ipr: _do_route(ipr, "del", _index(ipr, ifname), cidr, table, None))
-
-
-def delete_link(ifname: str, *, netns: str | None = None) -> None:
-    _with_ipr(netns, "deleting link", ifname,
-              lambda ipr: ipr.link("del", index=_index(ipr, ifname)))
 
 
 def move_link_to_netns(ifname: str, target: str, *, netns: str | None = None) -> None:

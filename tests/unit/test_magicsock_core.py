@@ -100,6 +100,32 @@ def test_pong_makes_the_direct_path_trusted_then_trust_expires() -> None:
     assert n.a.status(n.node["b"]).cur_addr == ""
 
 
+def test_ping_back_at_once_right_after_our_own_lost_ping() -> None:
+    # Behind NATs: A's first ping to B is dropped by B's router (no mapping yet), its
+    # CallMeMaybe reaches B via DERP, and B's answering ping gets through A's router. A's own
+    # (lost) ping a moment ago must not hold back its ping back: A trusts the direct path one
+    # round trip later, not at B's next heartbeat 3 s on.
+    n = Net()
+    _, _, actions = n.a.plan_send(n.node["b"])
+    n.udp_ok = False
+    from_b = n.deliver("a", actions)  # the UDP ping is lost; the CallMeMaybe arrives
+    n.udp_ok = True
+    n.clock.t += 0.01
+    from_a = n.deliver("b", from_b)  # B's pings reach A: a pong and a ping back
+    assert sum(isinstance(x, SendUDP) for x in from_a) == 2
+    n.deliver("b", n.deliver("a", from_a))
+    assert n.b.plan_send(n.node["a"])[:2] == (A_ADDR, 0)
+    assert n.a.plan_send(n.node["b"])[:2] == (B_ADDR, 0)
+    # and no storm: another ping from B within the second is answered with a pong only
+    n.clock.t += HEARTBEAT_INTERVAL
+    n.a._peers[n.node["b"]].paths.trust_until = 0.0
+    again = n.deliver("b", n.b.tick())
+    n.clock.t += 0.1
+    twice = n.deliver("b", n.b.tick() + n.b.ping(n.node["a"])[1])
+    assert sum(isinstance(x, SendUDP) for x in again) == 2
+    assert sum(isinstance(x, SendUDP) for x in twice) == 1
+
+
 def test_heartbeats_keep_trust_while_active_and_stop_when_idle() -> None:
     n = Net()
     n.exchange("a", n.a.plan_send(n.node["b"])[2])

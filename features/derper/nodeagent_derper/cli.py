@@ -39,7 +39,6 @@ from nodeagent_derper.stun_ratelimit import DEFAULT_BURST, DEFAULT_GLOBAL_RATE, 
 PROG = "derper"
 DEFAULT_CONFIG = "/var/lib/derper/derper.key"
 PRIVKEY_PREFIX = "privkey:"
-_BOOLS = ("stun", "derp", "dev", "verify-clients", "stun-strict", "version")
 
 
 class UsageError(Exception):
