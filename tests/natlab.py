@@ -31,7 +31,8 @@ The harness owns the network and the processes it starts, nothing else:
   and delays the region's outgoing ones. There a region must be created with ``latency_ms``
   (0 is fine) to have its latency changed later.
 - **processes**: a TLS derper per region (``derper --certmode manual --hostname <IP>``, a
-  self-signed certificate made beforehand so its ``sha256-raw:`` name is known), ``nodeagent
+  self-signed certificate made beforehand so its ``sha256-raw:`` name is known; or Tailscale's
+  real ``derper`` the same way with ``start_tailscale_derper``), ``nodeagent
   control serve`` with a policy whose ``derpMap`` holds the running regions, and ``nodeagent up``
   agents in the LAN namespaces. Logs go to ``<lab.dir>/<name>.log``.
 
@@ -158,6 +159,15 @@ def netem_available() -> str | None:
 def derper_available() -> str | None:
     if importlib.util.find_spec("nodeagent_derper") is None:
         return "feature derper is not installed in this environment"
+    return None
+
+
+def tailscale_derper_missing() -> str | None:
+    """``None`` if Tailscale's ``derper`` binary can run here, else why not."""
+    from tests.derptls import TAILSCALE_DERPER
+
+    if not os.access(TAILSCALE_DERPER, os.X_OK):
+        return f"Tailscale's derper binary is missing: {TAILSCALE_DERPER}"
     return None
 
 
@@ -698,6 +708,51 @@ class NatLab:
             wait_until(up, 20, f"derper {region.code}")
         except TimeoutError as e:
             raise NatlabError(f"{e}: {derper.log()}") from None
+        region.derper = derper
+        return derper
+
+    def start_tailscale_derper(self, region: Region, *, port: int = DERP_PORT,
+                               stun_port: int = STUN_PORT, http_port: int = 80,
+                               extra: Iterable[str] = ()) -> Derper:
+        """Tailscale's real ``derper`` (``tests.derptls.TAILSCALE_DERPER``) in ``region``, set up
+        as ``start_derper`` sets up ours: ``-certmode manual`` with the region's IP as
+        ``-hostname`` (it makes itself a self-signed certificate, whose ``sha256-raw:`` name is
+        read back), STUN on ``stun_port``; returns once it accepts TCP and answers STUN. The
+        DERP map entry is the same (``InsecureForTests``). ``tailscale_derper_missing()`` says
+        whether the binary is there."""
+        from tests.derptls import TAILSCALE_DERPER
+
+        if (why := tailscale_derper_missing()) is not None:
+            raise NatlabError(why)
+        d = self.dir / f"tsderper-{region.code}"
+        certdir = d / "certs"
+        certdir.mkdir(parents=True)
+        log = open(d / "derper.log", "a")
+        with log:
+            proc = popen_in_netns(region.ns, [
+                str(TAILSCALE_DERPER), "-a", f"{region.ip}:{port}", "-certmode", "manual",
+                "-certdir", str(certdir), "-hostname", region.ip, "-stun-port", str(stun_port),
+                "-http-port", str(http_port), "-c", str(d / "derper.key"), *extra],
+                stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        derper = Derper(region, proc, port, stun_port, d, "")
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise NatlabError(f"Tailscale's derper in {region.code} exited "
+                                  f"{proc.returncode}: {derper.log()}")
+            return call_in_netns(region.ns, _serving, region.ip, port, stun_port)
+
+        try:
+            wait_until(up, 20, f"Tailscale's derper {region.code}")
+        except TimeoutError as e:
+            raise NatlabError(f"{e}: {derper.log()}") from None
+        crt = certdir / f"{region.ip}.crt"
+        if crt.exists():
+            import hashlib
+
+            der = ssl.PEM_cert_to_DER_cert(crt.read_text())
+            derper.cert_name = "sha256-raw:" + hashlib.sha256(der).hexdigest()
         region.derper = derper
         return derper
 

@@ -33,6 +33,7 @@ from nodeagent.tailcfg import MAX_ENDPOINTS, DERPMap, check_endpoint
 log = logging.getLogger("nodeagent.magicsock")
 
 RESTUN_MIN, RESTUN_MAX = 20.0, 26.0
+FRAME_NOTE_INTERVAL = 5.0
 
 EndpointsCallback = Callable[[list[str], int], None]
 
@@ -68,6 +69,7 @@ class PathLayer:
         self.endpoints: list[str] = []
         self._reported: tuple[list[str], int] | None = None
         self._wake = asyncio.Event()
+        self._frame_noted: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -121,7 +123,12 @@ class PathLayer:
         self._wake.set()
 
     def _on_derp_packet(self, region: int, src: bytes, data: bytes) -> None:
-        self.netcheck.history.note_derp_frame(region)
+        # "A frame came from this region" feeds the home-region hysteresis; Tailscale records
+        # it at most every 5 s per region, and so do we (it is per packet otherwise).
+        now = time.monotonic()
+        if now - self._frame_noted.get(region, -FRAME_NOTE_INTERVAL) >= FRAME_NOTE_INTERVAL:
+            self._frame_noted[region] = now
+            self.netcheck.history.note_derp_frame(region, now)
         self.conn.on_derp_packet(region, src, data)
 
     def _on_region_down(self, region: int) -> None:
