@@ -11,6 +11,7 @@ own user may change ``OperatorUser``: the operator may write prefs but not hand 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,15 @@ def register_core_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:
 
     routes.add("status", status, {"GET": READ})
     routes.add("prefs", prefs, {"GET": READ, "PATCH": WRITE})
+    async def serve_config(request: web.Request) -> web.StreamResponse:
+        # No serve/funnel here: Tailscale's answer when nothing is configured, so that
+        # `tailscale status` has nothing to report about Funnel.
+        body = b"null"
+        return web.Response(body=body, content_type="application/json",
+                            headers={"Etag": hashlib.sha256(body).hexdigest()})
+
     routes.add("metrics", metrics, {"GET": READ})
+    routes.add("serve-config", serve_config, {"GET": READ})
     register_netcheck_routes(backend, routes)
     register_derp_debug_routes(backend, routes)
     register_ping_route(backend, routes)

@@ -116,3 +116,16 @@ async def test_non_owner_cannot_write(agent: Agent) -> None:
     assert res["GET"][0] == 200  # anyone who can connect may read
     assert res["PATCH"][0] == 403 and "access denied" in res["PATCH"][1]["error"]
     assert agent.backend.prefs.ShieldsUp is False
+
+
+@pytest.mark.asyncio
+async def test_serve_config_is_tailscales_unconfigured_answer(agent: Agent) -> None:
+    # `tailscale status` asks for it and prints a Funnel warning on anything but this.
+    import aiohttp
+
+    conn = aiohttp.UnixConnector(path=agent.opts.socket)
+    async with aiohttp.ClientSession(connector=conn) as s, s.get(
+            "http://local-tailscaled.sock/localapi/v0/serve-config") as r:
+        assert r.status == 200 and await r.read() == b"null"
+        assert r.headers["Etag"] == (
+            "74234e98afe7498fb5daf1f36ac2d78acc339464f950703b8c019892f982b90b")
