@@ -16,7 +16,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from nacl.public import PrivateKey  # noqa: E402
 
 from nodeagent.derp import frames as F  # noqa: E402
 from nodeagent.derp.client import DerpClient  # noqa: E402
+from tests.procutil import stop  # noqa: E402
 
 
 def _use_uvloop() -> str:
@@ -191,9 +191,7 @@ async def bench_tcp(total: int, size: int, window: int) -> tuple[float, str]:
     dt = await pump(w.write, chunk, per, frame_len, total, window, sink, 0)
     w.close()
     sink_srv.close()
-    if proc is not None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(5)
+    stop(proc, timeout=5)
     if relay_srv is not None:
         relay_srv.close()
     return dt, kind

@@ -5,6 +5,8 @@ same topology — runs iperf3 (TCP, one stream) and ping through two ``nodeagent
 their default offloads, then with TSO reads added (``NODEAGENT_TUN_TSO=1``), without TUN offloads
 (``NODEAGENT_TUN_OFFLOAD=0``) and without any offload (also ``NODEAGENT_UDP_OFFLOAD=0``), and
 through two wireguard-go instances (Debian package); prints every figure and the ratios.
+The DERP-relayed path (and the direct one through NATs) is measured by
+``benchmarks/path_throughput.py``.
 
 Run as root: ``python3 benchmarks/engine_throughput.py [--seconds 5]``.
 Needs: iperf3, wireguard-go, wireguard-tools, ping.
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,7 @@ from nacl.public import PrivateKey
 
 from nodeagent.keys import NODE_PREFIX
 from tests.netns import popen_in_netns
+from tests.procutil import stop
 from tests.wgnet import (
     TS4,
     TS6,
@@ -58,8 +62,7 @@ def iperf(ns_server: str, ns_client: str, addr: str, seconds: int) -> float:
         data = json.loads(r.stdout)
         return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
     finally:
-        srv.kill()
-        srv.wait()
+        stop(srv, signal.SIGKILL)
 
 
 def rtt(ns: str, addr: str) -> float:

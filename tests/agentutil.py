@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from tests.procutil import stop
 
 
 def public_tempdir(prefix: str = "na-") -> str:
@@ -35,6 +36,16 @@ async def localapi(sock: str, method: str, path: str, body: Any = None) -> tuple
                 return r.status, json.loads(text)
             except ValueError:
                 return r.status, text
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of every sample in a Prometheus text ``text`` whose line starts with ``name``
+    (so a bare name adds up all its label sets)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def wait_for_socket(path: str, proc: subprocess.Popen[Any] | None = None,
@@ -63,13 +74,7 @@ def agent_process(args: list[str], sock: str, **kw: Any) -> Iterator[subprocess.
         wait_for_socket(sock, proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         if proc.stdout:
             proc.stdout.close()
         if proc.stderr:

@@ -31,6 +31,21 @@ def feature_installed(name: str) -> bool:
     return importlib.util.find_spec(f"nodeagent_{name}") is not None
 
 
+# Which features this environment must have: tox sets it per env (comma separated; empty for
+# none), so a feature that failed to install cannot turn its tests into silent skips, and a loop
+# over the installed features cannot pass by running zero times where it should not.
+EXPECT_FEATURES_ENV = "NODEAGENT_EXPECT_FEATURES"
+
+
+def expected_features() -> set[str] | None:
+    """The feature names ``NODEAGENT_EXPECT_FEATURES`` lists, or ``None`` when it is unset (a
+    plain development run, where whatever is installed is fine)."""
+    raw = os.environ.get(EXPECT_FEATURES_ENV)
+    if raw is None:
+        return None
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for m in item.iter_markers(name="feature"):
         name = m.args[0]

@@ -161,6 +161,23 @@ def connect(addr: str, port: int, timeout: float) -> tuple[str, float]:
 
 
 @contextlib.contextmanager
+def listening(ns: str, addr: str, port: int) -> Iterator[None]:
+    """A TCP listener in ``ns`` that never accepts: the kernel completes handshakes into its
+    backlog, so a connect succeeds exactly when the path and the policy let the SYN through
+    (where nothing listens, the host's own RST would say "refused" whatever the policy)."""
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with in_netns(ns):
+        srv = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((addr, port))
+        srv.listen(1024)
+        yield
+    finally:
+        srv.close()
+
+
+@contextlib.contextmanager
 def sink_server(ns: str, addr: str, port: int) -> Iterator[dict[str, Any]]:
     """A TCP server in ``ns`` that reads one connection to EOF and replies with its SHA-256."""
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET

@@ -21,6 +21,7 @@ from typing import IO
 from nacl.public import PrivateKey
 
 from nodeagent.derp import frames as F
+from tests.procutil import stop as stop_process  # the name the derper tests and benchmarks use
 
 UPGRADE_REQUEST = (b"GET /derp HTTP/1.1\r\nHost: derp.test\r\nUpgrade: DERP\r\n"
                    b"Connection: Upgrade\r\n\r\n")
@@ -81,16 +82,6 @@ def stderr_text(proc: subprocess.Popen[bytes]) -> str:
     f = _stderr[proc.pid]
     f.seek(0)
     return f.read().decode(errors="replace")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 async def _read_upgrade(reader: asyncio.StreamReader) -> bytes:

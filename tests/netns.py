@@ -32,6 +32,9 @@ from typing import Any, TypeVar
 import pytest
 from pyroute2 import netns as pr_netns
 
+from nodeagent.tundev import netconf
+from tests.procutil import stop
+
 NETNS_DIR = "/run/netns"
 T = TypeVar("T")
 
@@ -106,10 +109,8 @@ def remove_netns(name: str) -> None:
     with _live_lock:
         procs = _procs.pop(name, [])
     for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            stop(proc, signal.SIGKILL)
     for pid in netns_pids(name):
         if pid == os.getpid():
             continue  # only if our main thread was left inside; never kill the test runner
@@ -247,25 +248,10 @@ def in_netns(name: str) -> Iterator[None]:
 
 
 def call_in_netns(name: str, fn: Callable[..., T], *args: Any, timeout: float = 30.0) -> T:
-    """Run ``fn(*args)`` in a new thread inside ``name``; return or re-raise its outcome."""
-    out: list[Any] = []
-    err: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            with in_netns(name):
-                out.append(fn(*args))
-        except BaseException as e:
-            err.append(e)
-
-    t = threading.Thread(target=body, name=f"in-{name}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"call_in_netns({name!r}, {fn!r}) still running after {timeout}s")
-    if err:
-        raise err[0]
-    return out[0]
+    """Run ``fn(*args)`` in a new thread inside ``name``; return or re-raise its outcome
+    (``TimeoutError`` if it is still running after ``timeout`` s). The agent's own
+    ``netconf.call_in_netns`` with positional arguments and a default timeout."""
+    return netconf.call_in_netns(name, functools.partial(fn, *args), timeout=timeout)
 
 
 async def acall_in_netns(name: str, fn: Callable[..., T], *args: Any,

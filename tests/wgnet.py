@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from nodeagent.keys import NODE_PREFIX
 from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT
 from tests.agentutil import nodeagent_cmd, public_tempdir
 from tests.netns import in_netns, make_netns, popen_in_netns, veth_pair
+from tests.procutil import stop
 
 UNDERLAY = {"a": "198.18.1.1", "b": "198.18.1.2"}
 TS4 = {"a": "100.64.0.1", "b": "100.64.0.2"}
@@ -95,14 +95,7 @@ def start_agent(node: Node, netmap: str, env_extra: dict[str, str] | None = None
 
 
 def stop_agent(node: Node) -> None:
-    p = node.proc
-    if p is not None and p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop(node.proc)
 
 
 @contextlib.contextmanager
@@ -215,12 +208,7 @@ def wireguard_go(ns: str, name: str, tmpdir: str, *, peer_key: str, peer_endpoin
                 raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
         yield WgGo(ns, iface, proc, NODE_PREFIX + bytes(priv.public_key).hex())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=5)  # a clean exit lets wireguard-go remove its UAPI socket
         with contextlib.suppress(OSError):
             os.unlink(sock_path)
 

@@ -53,7 +53,6 @@ SOCKET_BUFFER = 4 << 20
 MAX_BAD_DESTINATIONS_LOGGED = 64  # distinct bad destinations logged (each once) per transport
 HANDSHAKE_TYPES = {msg.MSG_INITIATION: "initiation", msg.MSG_RESPONSE: "response",
                    msg.MSG_COOKIE_REPLY: "cookie_reply"}
-_HANDSHAKE_SIZES = (0, msg.INITIATION_SIZE, msg.RESPONSE_SIZE, msg.COOKIE_REPLY_SIZE)
 
 Deliver = Callable[[str, list[bytes]], None]  # (peer key text, plaintext packets)
 
@@ -89,8 +88,6 @@ class WireGuardTransport:
         self._bad_logged: set[str] = set()
         self.router: PathRouter | None = None
         self._routed: set[bytes] = set()  # raw keys of peers whose paths the router chooses
-        # handshake messages sent, indexed by message type (shows which side initiated)
-        self.handshakes_sent = [0] * msg.MSG_TRANSPORT
 
     def set_router(self, router: PathRouter | None) -> None:
         """Attach the path chooser before the first ``configure``."""
@@ -201,12 +198,6 @@ class WireGuardTransport:
         if sock is None or offload is None:
             return
         counters = self.counters
-        hs_sent = self.handshakes_sent
-        for ep, data in out:
-            # types 1-3 have fixed sizes; other datagrams sent here (STUN, disco) never count
-            if data and data[0] < msg.MSG_TRANSPORT and ep is not None:
-                if len(data) == _HANDSHAKE_SIZES[data[0]]:
-                    hs_sent[data[0]] += 1
         router = self.router
         sent = 0
         for ep, segs in gso_groups(out):
@@ -374,7 +365,7 @@ class WireGuardTransport:
         ]
         s += [("nodeagent_wireguard_handshake_messages_sent_total",
                "WireGuard handshake messages sent, by type", {"type": name},
-               self.handshakes_sent[t]) for t, name in HANDSHAKE_TYPES.items()]
+               self.core.handshakes_sent[t]) for t, name in HANDSHAKE_TYPES.items()]
         off = self.offload
         if off is not None:
             s += [

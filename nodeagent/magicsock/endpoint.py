@@ -132,11 +132,20 @@ class PeerPaths:
 
     def addr_for_send(self, now: float) -> tuple[UDPAddr | None, int]:
         """(UDP address or None, DERP region or 0) for a data packet now (§7)."""
+        region = self.home_derp or self.derp_route
         if self.best is not None:
             if now < self.trust_until:
                 return self.best, 0
-            return self.best, self.home_derp or self.derp_route
-        return None, self.home_derp or self.derp_route
+            return self.best, region
+        if not region and self.candidates:
+            # No DERP to fall back on (a tailnet without a DERP map): try the netmap's first
+            # endpoint rather than drop the packet until a pong arrives (Tailscale, which
+            # always has DERP, drops it; the WireGuard handshake would then wait 5 s).
+            for addr, c in self.candidates.items():
+                if FROM_NETMAP in c.sources:
+                    return addr, 0
+            return next(iter(self.candidates)), 0
+        return None, region
 
     def want_full_ping(self, now: float) -> bool:
         if self.best is None or self.last_full_ping == float("-inf"):

@@ -25,6 +25,7 @@ from nodeagent.control.server import AdminError, ControlServer, ServerConfig
 from nodeagent.keys import KeyPair
 from nodeagent.tailcfg import NetworkMap
 from tests.agentutil import nodeagent_cmd
+from tests.procutil import stop
 
 NAMES = ("alpha", "beta", "gamma")
 
@@ -327,12 +328,7 @@ def test_cli_serve_and_admin(tmp_path: Path) -> None:
         _wait_line(lines, "policy reloaded")
         assert "nodeAttrs" in _cli("policy", "get", "--state-dir", str(state)).stdout
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         reader.join(5)
         for f in (proc.stdout, proc.stderr):
             if f:

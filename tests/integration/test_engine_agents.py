@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.agentutil import localapi
+from tests.agentutil import localapi, metric
 from tests.dataplane import connect, send_blob, sink_server
 from tests.netns import in_netns, netns_available, tun_available
 from tests.wgnet import TS4, TS6, run_in, two_agents, wait_ping
@@ -29,14 +29,6 @@ RULES_A = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Las
 RULES_B = [{"SrcIPs": [TS4["a"], TS6["a"]],
             "DstPorts": [{"IP": TS4["b"], "Ports": {"First": 8080, "Last": 8080}},
                          {"IP": TS6["b"], "Ports": {"First": 8080, "Last": 8080}}]}]
-
-
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_ping_transfer_and_acl_over_wireguard() -> None:

@@ -1,17 +1,20 @@
 """The nodeagent engine against wireguard-go (Debian package) across two namespaces: handshakes
-initiated from each side, ping both ways over IPv4 and IPv6, a 10 MB TCP transfer."""
+initiated from each side (which side did is read from the agent's handshake-message counters),
+ping both ways over IPv4 and IPv6, a 10 MB TCP transfer."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
 
 import pytest
 
+from tests.agentutil import localapi, metric
 from tests.dataplane import send_blob, sink_server
 from tests.netns import netns_available, tun_available
-from tests.wgnet import TS4, TS6, agent_and_wireguard_go, run_in, wait_ping
+from tests.wgnet import TS4, TS6, Node, agent_and_wireguard_go, run_in, wait_ping
 
 _missing = netns_available() or tun_available()
 for _tool in ("wireguard-go", "wg", "ping"):
@@ -24,9 +27,19 @@ if _missing:
 ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
 
 
+def handshakes_sent(a: Node) -> tuple[float, float]:
+    """(initiations, responses) the agent's WireGuard has sent so far."""
+    st, text = asyncio.run(localapi(a.sock, "GET", "/localapi/v0/metrics"))
+    assert st == 200, text
+    name = "nodeagent_wireguard_handshake_messages_sent_total"
+    return metric(text, name + '{type="initiation"}'), metric(text, name + '{type="response"}')
+
+
 def test_we_initiate_then_transfer() -> None:
     with agent_and_wireguard_go(ALLOW_ALL) as (a, wg):
         wait_ping(a.ns, TS4["b"])  # our engine sends the first initiation
+        initiations, responses = handshakes_sent(a)
+        assert initiations >= 1 and responses == 0, (initiations, responses)
         assert wg.show("latest-handshakes").split()[1] != "0"
         wait_ping(a.ns, TS6["b"])
         wait_ping(wg.ns, TS4["a"])
@@ -41,6 +54,10 @@ def test_we_initiate_then_transfer() -> None:
 
 def test_they_initiate() -> None:
     with agent_and_wireguard_go(ALLOW_ALL) as (a, wg):
-        wait_ping(wg.ns, TS4["a"])  # wireguard-go sends the first initiation
+        wait_ping(wg.ns, TS4["a"])  # wireguard-go sends the first initiation ...
+        # ... proven by our side: it answered an initiation and never sent one
+        initiations, responses = handshakes_sent(a)
+        assert initiations == 0 and responses >= 1, (initiations, responses)
+        assert wg.show("latest-handshakes").split()[1] != "0"
         wait_ping(wg.ns, TS6["a"])
         wait_ping(a.ns, TS4["b"])

@@ -10,7 +10,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest_asyncio
 
 from nodeagent.agent import Agent, AgentOptions
 from tests.agentutil import agent_process, localapi, public_tempdir, run_cli, state_file
+from tests.procutil import stop
 
 PREFS = "/localapi/v0/prefs"
 
@@ -172,8 +172,7 @@ def _state_dir_with(d: str, edit: dict[str, Any]) -> str:
     st = os.path.join(d, "st")
     sock = os.path.join(d, "first.sock")
     with agent_process(["--state-dir", st], sock) as proc:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        assert stop(proc) == 0
     raw = json.loads(state_file(st).read_text())
     raw["prefs"].update(edit)
     state_file(st).write_text(json.dumps(raw))
@@ -207,8 +206,7 @@ def test_up_repairs_stray_temp_files_and_loose_mode_with_one_line_each() -> None
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
         assert not os.path.exists(stray)
         assert run_cli("status", "--socket", sock).returncode == 0
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        assert stop(proc) == 0
         err = proc.stderr.read() if proc.stderr else ""
     assert "Traceback" not in err
     temp_lines = [ln for ln in err.splitlines() if ".nodeagent.state.k3j9x_1" in ln]

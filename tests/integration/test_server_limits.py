@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 from nodeagent.localapi.server import MAX_CONNS_PER_UID
 from tests.agentutil import agent_process, nodeagent_cmd, public_tempdir, run_cli
 from tests.derpload import close_all, closed_by_peer, free_port
+from tests.procutil import stop
 
 _ENV = {**os.environ, "NODEAGENT_HTTP_REQUEST_TIMEOUT": "2"}
 
@@ -125,8 +127,7 @@ def test_one_uid_cannot_starve_root(agent_sock: tuple[str, int]) -> None:
         assert r.returncode == 0, r.stderr
         assert time.monotonic() - t0 < 10
     finally:
-        hoarder.kill()
-        hoarder.wait(10)
+        stop(hoarder, signal.SIGKILL)
 
 
 def test_control_server_closes_idle_connections_and_raises_fd_limit(tmp_path: Path) -> None:
@@ -149,5 +150,4 @@ def test_control_server_closes_idle_connections_and_raises_fd_limit(tmp_path: Pa
         assert closed_by_peer(silent, 15) == 20
     finally:
         close_all(silent)
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)

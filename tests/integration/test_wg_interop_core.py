@@ -229,6 +229,7 @@ def test_we_initiate_and_ping_their_kernel(rig_factory: Callable[..., Rig]) -> N
     rig.send(rig.core.encrypt(rig.their_pub, [_echo_request(2)]))
     assert rig.pump(lambda: any(_is_reply(p, 2) for p in rig.got))
     assert rig.core.counters["handshakes"] == 1
+    assert rig.core.handshakes_sent[1:3] == [1, 0], rig.core.handshakes_sent  # we initiated
     stats = rig.core.peer_stats(rig.their_pub)
     assert stats["has_session"] and stats["rx_bytes"] > 0 and stats["tx_bytes"] > 0
     handshake_time = int(rig.wg_show("latest-handshakes").split()[1])
@@ -245,6 +246,8 @@ def test_they_initiate_and_we_answer_their_ping(rig_factory: Callable[..., Rig])
     assert ok and ping.returncode == 0, f"ping failed: {out!r} drops={rig.core.drops}"
     assert "3 received" in out
     assert rig.core.counters["handshakes"] == 1
+    # wireguard-go initiated: we answered with a response and never sent an initiation.
+    assert rig.core.handshakes_sent[1:3] == [0, 1], rig.core.handshakes_sent
     requests = [p for p in rig.got if parse(p).icmp_type == ICMP4_ECHO_REQUEST]
     assert len(requests) >= 3
 

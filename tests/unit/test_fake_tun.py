@@ -6,9 +6,11 @@ import asyncio
 
 import pytest
 
+from nodeagent.filter import ACCEPT
 from nodeagent.packet import IPV4, Parsed, build_udp, parse_into
 from nodeagent.tundev.device import READ_BATCH, TunError
 from nodeagent.tundev.fake import FakeTun
+from nodeagent.tundev.wrapper import Wrapper
 
 A = 0x64400001  # 100.64.0.1
 B = 0x64400002  # 100.64.0.2
@@ -118,11 +120,6 @@ async def test_callback_closing_stops_delivery() -> None:
 @pytest.mark.asyncio
 async def test_wrapper_runs_on_fake_tun() -> None:
     """The Wrapper's TunLike contract: start wires from_host, from_peer writes to the host."""
-    try:
-        from nodeagent.tundev.wrapper import Wrapper
-    except ImportError as e:  # nodeagent.filter is written in parallel; skip until it lands
-        pytest.skip(f"nodeagent.tundev.wrapper not importable yet: {e}")
-
     filt = _accept_all_filter()
     tun = FakeTun()
     w = Wrapper(tun, filt)
@@ -138,8 +135,6 @@ async def test_wrapper_runs_on_fake_tun() -> None:
 
 
 def _accept_all_filter() -> object:
-    from nodeagent.filter import ACCEPT
-
     class AcceptAll:
         shields_up = False
 

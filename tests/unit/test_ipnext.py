@@ -14,7 +14,10 @@ from nodeagent.backend import LocalBackend
 from nodeagent.c2n import C2NRequest, C2NResponse
 from nodeagent.ipnext import Feature, InstalledFeature, hookimpl
 from nodeagent.ipnext.api import READ, Host
+from nodeagent.ipnext.feature import discover
+from nodeagent.ipnext.known import KNOWN_FEATURES
 from nodeagent.tailcfg import NetworkMap, Node
+from tests.conftest import expected_features
 
 CALLS: list[tuple[str, str]] = []
 
@@ -120,7 +123,14 @@ def test_discovered_features_are_per_backend(tmp_path: Any) -> None:
     b = LocalBackend(tmp_path / "b")
     a.start()
     b.start()
-    assert set(a.extensions.active) == set(b.extensions.active)
+    with_extension = {i.feature.name for i in discover() if i.feature.extension is not None}
+    assert set(a.extensions.active) == set(b.extensions.active) == with_extension
+    expected = expected_features()
+    if expected is not None:
+        # A feature serving LocalAPI or c2n routes does so from an extension: where the
+        # environment expects one, the loop below must not run zero times.
+        serving = {n for n in expected if KNOWN_FEATURES[n].localapi or KNOWN_FEATURES[n].c2n}
+        assert serving <= with_extension, (serving, with_extension)
     for name in a.extensions.active:
         pa, pb = a.extensions.plugin(name), b.extensions.plugin(name)
         assert pa is not pb, name

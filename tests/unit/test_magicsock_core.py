@@ -221,3 +221,12 @@ def test_better_addr_rules() -> None:
     assert not better_addr(("203.0.113.8", 1), 0.0099, wan, 0.010)  # hysteresis: 1 point
     v6 = ("2001:db8::1", 1)
     assert better_addr(v6, 0.010, wan, 0.010)  # IPv6 +10 at equal latency
+
+
+def test_without_derp_the_first_packets_try_the_netmap_endpoint() -> None:
+    n = Net()
+    n.a.set_peers([PeerInfo(n.node["b"], n.b.disco_public, 0, (B_ADDR,))])
+    udp, region, actions = n.a.plan_send(n.node["b"])
+    assert (udp, region) == (B_ADDR, 0)  # not dropped while discovery runs
+    assert any(isinstance(a, SendUDP) for a in actions)  # and discovery pings still go out
+    assert n.a.status(n.node["b"]).cur_addr == ""  # not trusted until a pong

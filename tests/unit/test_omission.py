@@ -9,7 +9,9 @@ from importlib import metadata
 
 import pytest
 
-from tests.conftest import feature_installed
+from nodeagent.ipnext.feature import discover
+from nodeagent.ipnext.known import KNOWN_FEATURES
+from tests.conftest import EXPECT_FEATURES_ENV, expected_features, feature_installed
 
 
 def installed_paths_mentioning(word: str) -> list[str]:
@@ -23,6 +25,15 @@ def installed_paths_mentioning(word: str) -> list[str]:
         if os.path.isdir(entry):
             hits.extend(os.path.join(entry, n) for n in os.listdir(entry) if word in n)
     return hits
+
+
+def test_installed_features_are_the_ones_this_environment_expects() -> None:
+    expected = expected_features()
+    if expected is None:
+        pytest.skip(f"{EXPECT_FEATURES_ENV} is not set (tox sets it per environment)")
+    assert expected <= set(KNOWN_FEATURES), f"{EXPECT_FEATURES_ENV}: unknown feature names"
+    assert {inst.feature.name for inst in discover()} == expected  # a broken one is left out
+    assert {name for name in KNOWN_FEATURES if feature_installed(name)} == expected
 
 
 @pytest.mark.parametrize("name", ["connreject", "derper"])

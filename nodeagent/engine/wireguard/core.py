@@ -91,6 +91,9 @@ class WireGuardCore(HandshakeMixin):
         self._keypairs: dict[int, Keypair] = {}  # local index → session
         self._handshakes: dict[int, Peer] = {}  # local index of our pending initiation → peer
         self.drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        # Handshake messages made, by message type (1 initiation, 2 response, 3 cookie reply):
+        # shows which side initiated.
+        self.handshakes_sent = [0, 0, 0, 0]
         self.counters: dict[str, int] = {"cookie_received": 0, "handshakes": 0}
         self._last_ts = b""
         self._load_window = float("-inf")

@@ -18,6 +18,9 @@ from nodeagent.engine.wireguard.messages import (
     COOKIE_REPLY_SIZE,
     INITIATION_MAC1,
     INITIATION_SIZE,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
     RESPONSE_MAC1,
     RESPONSE_SIZE,
     TYPE_AND_INDEX,
@@ -103,6 +106,7 @@ class HandshakeMixin:
         self._handshakes[index] = peer
         if peer.endpoint is not None:
             out.append((peer.endpoint, msg))
+            self.handshakes_sent[MSG_INITIATION] += 1
             peer.tx_bytes += len(msg)
         peer.keepalive_at = 0.0
         if peer.persistent_keepalive:
@@ -147,6 +151,7 @@ class HandshakeMixin:
         addr = address_bytes(src)
         if not self._checker.check_mac2(msg, mac1_at, addr, now):
             to_send.append((src, self._checker.make_reply(msg, mac1_at, sender, addr, now)))
+            self.handshakes_sent[MSG_COOKIE_REPLY] += 1
             self.drops["cookie_sent"] += 1
             return False
         if not self._rate_ok(addr[:-2], now):
@@ -221,6 +226,7 @@ class HandshakeMixin:
         peer.keepalive_at = 0.0
         self._session_derived(peer, now)
         to_send.append((src, reply))
+        self.handshakes_sent[MSG_RESPONSE] += 1
 
     def _receive_response(self, msg: bytes, src: Endpoint, to_send: Outgoing) -> None:
         drops = self.drops
