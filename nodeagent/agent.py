@@ -162,14 +162,16 @@ def load_netmap_file(path: str) -> Any:
 
 async def run_agent(opts: AgentOptions) -> int:
     agent = Agent(opts)
-    await agent.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers first: a SIGTERM that arrives while the agent starts (its socket may already be
+    # there) must still shut it down cleanly, not kill it with the default action.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if opts.netmap_file:
-        loop.add_signal_handler(signal.SIGHUP, agent.reload_netmap_file)
     try:
+        await agent.start()
+        if opts.netmap_file:
+            loop.add_signal_handler(signal.SIGHUP, agent.reload_netmap_file)
         await stop.wait()
         log.info("nodeagent: shutting down")
     finally:
