@@ -987,33 +987,33 @@ class DerpManager:
         on_packet = self._on_packet
         try:
             while True:
-                ev = await client.recv()
-                if type(ev) is ReceivedPacket:
-                    c["packets_received"] += 1
-                    c["bytes_received"] += len(ev.data)
-                    try:
-                        on_packet(rid, ev.src, ev.data)
-                    except Exception:
-                        self._callback_errors += 1
-                        if self._callback_errors == 1 or self._callback_errors % 1000 == 0:
-                            log.exception("DERP on_packet raised (%d so far)",
-                                          self._callback_errors)
-                elif isinstance(ev, PeerGone):
-                    if self._on_peer_gone is not None:
-                        self._call(self._on_peer_gone, rid, ev.key)
-                elif isinstance(ev, Health):
-                    r.health = ev.problem
-                    if ev.problem:
-                        log.warning("DERP region %d: server reports: %s", rid, ev.problem)
-                    if self._on_health is not None:
-                        self._call(self._on_health, rid, ev.problem)
-                elif isinstance(ev, Restarting):
-                    r.restart = (ev.reconnect_in_ms / 1000.0, ev.try_for_ms / 1000.0)
-                elif isinstance(ev, Pong):
-                    fut = r.pings.get(ev.data)
-                    if fut is not None and not fut.done():
-                        fut.set_result(0.0)
-                # Ping: the adapter already queued the Pong; KeepAlive, ServerInfo: nothing.
+                for ev in await client.recv_batch():
+                    if type(ev) is ReceivedPacket:
+                        c["packets_received"] += 1
+                        c["bytes_received"] += len(ev.data)
+                        try:
+                            on_packet(rid, ev.src, ev.data)
+                        except Exception:
+                            self._callback_errors += 1
+                            if self._callback_errors == 1 or self._callback_errors % 1000 == 0:
+                                log.exception("DERP on_packet raised (%d so far)",
+                                              self._callback_errors)
+                    elif isinstance(ev, PeerGone):
+                        if self._on_peer_gone is not None:
+                            self._call(self._on_peer_gone, rid, ev.key)
+                    elif isinstance(ev, Health):
+                        r.health = ev.problem
+                        if ev.problem:
+                            log.warning("DERP region %d: server reports: %s", rid, ev.problem)
+                        if self._on_health is not None:
+                            self._call(self._on_health, rid, ev.problem)
+                    elif isinstance(ev, Restarting):
+                        r.restart = (ev.reconnect_in_ms / 1000.0, ev.try_for_ms / 1000.0)
+                    elif isinstance(ev, Pong):
+                        fut = r.pings.get(ev.data)
+                        if fut is not None and not fut.done():
+                            fut.set_result(0.0)
+                    # Ping: the adapter already queued the Pong; KeepAlive, ServerInfo: nothing.
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -63,6 +63,7 @@ class MagicConn:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ping_waiters: dict[bytes, asyncio.Future[PongEvent]] = {}
         self._derp_rx: list[tuple[bytes, DerpAddr]] = []
+        self._derp_addrs: dict[tuple[int, bytes], DerpAddr] = {}  # one per sender, not per packet
         self._last_path: dict[bytes, tuple[bool, bool]] = {}  # key → (direct, derp) last used
         self.counters: dict[str, int] = {
             "tx_direct_packets": 0, "tx_direct_bytes": 0, "tx_derp_packets": 0,
@@ -166,7 +167,11 @@ class MagicConn:
     # --- DERP side (DerpManager callbacks) ------------------------------------------------------
 
     def on_derp_packet(self, region: int, src_key: bytes, data: bytes) -> None:
-        src = DerpAddr(DERP_MAGIC_IP, region, src_key)
+        src = self._derp_addrs.get((region, src_key))
+        if src is None:
+            if len(self._derp_addrs) > 4096:
+                self._derp_addrs.clear()
+            src = self._derp_addrs[(region, src_key)] = DerpAddr(DERP_MAGIC_IP, region, src_key)
         if looks_like_disco(data):
             actions = self.core.handle_disco(data, src)
             if actions:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -161,4 +162,34 @@ async def test_refusals_and_protocol_errors(serve: Callable[[Script], Awaitable[
     c = await DerpClient.connect(await serve(hang_up), key, server_public_key=SERVER_PUB)
     with pytest.raises(ConnectionError):
         await c.recv()
+    await c.close()
+
+
+@pytest.mark.asyncio
+async def test_recv_batch_returns_what_one_read_completes(
+        serve: Callable[[Script], Awaitable[str]]) -> None:
+    client_key = bytes(PrivateKey.generate())
+    client_pub = bytes(PrivateKey(client_key).public_key)
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n"
+                + F.encode_server_key(SERVER_PUB))
+        await read_client_info(r)
+        w.write(F.encode_server_info(bytes(SERVER), client_pub, {"version": 2}))
+        # A burst in one write, then the client's sends (a burst written whole) echoed back.
+        w.write(b"".join(F.encode_recv_packet(bytes(32), bytes([i]) * 10) for i in range(5)))
+        frames = [await read_frame(r) for _ in range(40)]
+        assert all(t == F.FrameType.SEND_PACKET for t, _ in frames)
+        w.write(F.encode_recv_packet(bytes(32), b"done"))
+        await r.read()
+
+    c = await DerpClient.connect(await serve(script), client_key)
+    got: list[Any] = []
+    while len(got) < 5:
+        got += await c.recv_batch()
+    assert got == [ReceivedPacket(bytes(32), bytes([i]) * 10) for i in range(5)]
+    c.send_many_nowait(bytes(32), [bytes([i]) * 100 for i in range(40)])
+    await c.drain()
+    assert await c.recv_batch() == [ReceivedPacket(bytes(32), b"done")]
     await c.close()

@@ -62,6 +62,9 @@ class FakeClient:
     async def ping(self, data: bytes) -> None:
         self.events.put_nowait(Pong(data))
 
+    async def recv_batch(self) -> list[Any]:
+        return [await self.recv()]
+
     async def recv(self) -> Any:
         ev = await self.events.get()
         if isinstance(ev, BaseException):
