@@ -42,7 +42,7 @@ from typing import Any
 import pytest
 
 from tests.agentutil import metric
-from tests.dataplane import connect
+from tests.dataplane import connect, listening
 from tests.derptls import TAILSCALE_CLI
 from tests.natlab import (
     Agent,
@@ -645,20 +645,3 @@ def test_tailscale_cli_against_our_localapi() -> None:
         r = tailscale(net, "a", "debug", "derp", "nowhere")
         rep = json.loads(r.stdout)
         assert rep["Errors"] == ['no such region "nowhere" in DERP map'], rep
-
-
-# --- more helpers --------------------------------------------------------
-
-
-@contextmanager
-def listening(ns: str, addr: str, port: int) -> Iterator[None]:
-    """A TCP listener whose backlog completes handshakes (nothing accepts)."""
-    with in_netns(ns):
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((addr, port))
-        srv.listen(64)
-        yield
-    finally:
-        srv.close()
