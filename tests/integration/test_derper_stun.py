@@ -185,7 +185,10 @@ def test_stunc_reads_coturn_turnserver(tmp_path: os.PathLike[str]) -> None:
     port = free_udp_port()
     proc = subprocess.Popen(
         ["turnserver", "-n", "--listening-ip=127.0.0.1", f"--listening-port={port}",
-         "--no-tls", "--no-dtls", "--stun-only", "--no-cli", f"--db={tmp_path}/turndb",
+         # UDP only: the port was checked free for UDP, and a TCP listener on it can collide
+         # with an ephemeral port another test's connection holds.
+         "--no-tcp", "--no-tls", "--no-dtls", "--stun-only", "--no-cli",
+         f"--db={tmp_path}/turndb",
          f"--pidfile={tmp_path}/turnserver.pid", f"--log-file={tmp_path}/turn.log",
          "--simple-log"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
