@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 from hypothesis import settings
 
 # CI: fixed examples (a submission's result must not depend on the draw) and no per-example
@@ -55,3 +58,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         name = m.args[0]
         if feature_installed(name):
             pytest.skip(f"feature {name} is installed; this test proves its absence")
+
+
+@pytest_asyncio.fixture
+async def agent() -> AsyncIterator[object]:
+    """An in-process agent (no data plane) on a LocalAPI socket in a temp dir others can reach."""
+    from nodeagent.agent import Agent, AgentOptions
+    from tests.agentutil import public_tempdir
+
+    d = public_tempdir()
+    a = Agent(AgentOptions(socket=os.path.join(d, "run", "na.sock"),
+                           state_dir=os.path.join(d, "state")))
+    await a.start()
+    try:
+        yield a
+    finally:
+        await a.stop()
+        shutil.rmtree(d, ignore_errors=True)
+

@@ -4,18 +4,14 @@ attribute gate, LocalAPI and c2n endpoints, metrics and the CLI table."""
 from __future__ import annotations
 
 import ipaddress
-import os
-import subprocess
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
-from nodeagent.agent import Agent, AgentOptions
+from nodeagent.agent import Agent
 from nodeagent.c2n import C2NRequest
 from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT, NetworkMap, Node
-from tests.agentutil import localapi, public_tempdir
+from tests.agentutil import localapi
 
 pytestmark = pytest.mark.feature("connreject")
 
@@ -32,18 +28,6 @@ class NoteHolder:
     def set_conn_reject_note(self, fn: Any) -> None:
         self.note = fn
 
-
-@pytest_asyncio.fixture
-async def agent() -> AsyncIterator[Agent]:
-    d = public_tempdir()
-    a = Agent(AgentOptions(socket=os.path.join(d, "run", "na.sock"),
-                           state_dir=os.path.join(d, "state")))
-    await a.start()
-    try:
-        yield a
-    finally:
-        await a.stop()
-        subprocess.run(["rm", "-rf", d], check=False)
 
 
 def netmap(attr: bool) -> NetworkMap:

@@ -8,13 +8,11 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 
-from nodeagent.agent import Agent, AgentOptions
-from tests.agentutil import localapi, public_tempdir
+from nodeagent.agent import Agent
+from tests.agentutil import localapi
 
 STATUS_KEYS = {"Version", "TUN", "BackendState", "HaveNodeKey", "AuthURL", "TailscaleIPs", "Self",
                "Health", "MagicDNSSuffix", "CurrentTailnet", "Peer", "User", "ClientVersion"}
@@ -23,18 +21,6 @@ PEER_KEYS = {"ID", "PublicKey", "HostName", "DNSName", "OS", "UserID", "Tailscal
              "LastWrite", "LastSeen", "LastHandshake", "Online", "Active", "ExitNode",
              "ExitNodeOption", "InNetworkMap", "InMagicSock", "InEngine", "CapMap", "KeyExpiry"}
 
-
-@pytest_asyncio.fixture
-async def agent() -> AsyncIterator[Agent]:
-    d = public_tempdir()
-    a = Agent(AgentOptions(socket=os.path.join(d, "run", "na.sock"),
-                           state_dir=os.path.join(d, "state")))
-    await a.start()
-    try:
-        yield a
-    finally:
-        await a.stop()
-        subprocess.run(["rm", "-rf", d], check=False)
 
 
 @pytest.mark.asyncio

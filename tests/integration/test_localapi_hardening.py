@@ -9,36 +9,21 @@ import asyncio
 import json
 import os
 import pwd
-import shutil
 import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
-from nodeagent.agent import Agent, AgentOptions
+from nodeagent.agent import Agent
 from tests.agentutil import agent_process, localapi, public_tempdir, run_cli, state_file
 from tests.procutil import stop
 
 PREFS = "/localapi/v0/prefs"
 
-
-@pytest_asyncio.fixture
-async def agent() -> AsyncIterator[Agent]:
-    d = public_tempdir()
-    a = Agent(AgentOptions(socket=os.path.join(d, "run", "na.sock"),
-                           state_dir=os.path.join(d, "state")))
-    await a.start()
-    try:
-        yield a
-    finally:
-        await a.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def raw_request(sock: str, method: str, path: str,

@@ -19,14 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
-import pytest_asyncio
 
-from nodeagent.agent import Agent, AgentOptions
+from nodeagent.agent import Agent
 from nodeagent.localapi.client import LocalAPIClient
 from nodeagent.netcheck.client import UDPStunTransport, https_latency, run_netcheck
 from nodeagent.tailcfg import (
@@ -197,18 +196,6 @@ async def test_https_latency_checks_certname_pin() -> None:
 
 # --- the LocalAPI, in process ------------------------------------------------------------------
 
-
-@pytest_asyncio.fixture
-async def agent() -> AsyncIterator[Agent]:
-    d = public_tempdir()
-    a = Agent(AgentOptions(socket=os.path.join(d, "run", "na.sock"),
-                           state_dir=os.path.join(d, "state")))
-    await a.start()
-    try:
-        yield a
-    finally:
-        await a.stop()
-        subprocess.run(["rm", "-rf", d], check=False)
 
 
 async def raw_get(sock: str, method: str, name: str) -> tuple[int, str]:
