@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nodeagent.disco.codec import looks_like_disco
 from nodeagent.keys import DISCO_PREFIX, NODE_PREFIX, parse_public
@@ -42,14 +42,12 @@ STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 StunHandler = Callable[[bytes, UDPAddr], object]
 
 
-class DerpSender:
+class DerpSender(Protocol):
     """What MagicConn needs of the DERP connections (``nodeagent.derp.manager.DerpManager``)."""
 
-    def send(self, region: int, dst_key: bytes, pkt: bytes) -> bool:
-        raise NotImplementedError
+    def send(self, region: int, dst_key: bytes, pkt: bytes) -> bool: ...
 
-    def send_many(self, region: int, dst_key: bytes, pkts: list[bytes]) -> bool:
-        raise NotImplementedError
+    def send_many(self, region: int, dst_key: bytes, pkts: list[bytes]) -> bool: ...
 
 
 class MagicConn:
