@@ -296,8 +296,10 @@ def transfer(net: Net, src: str, dst: str, port: int, size: int = BLOB) -> float
 
 
 def pong_lines(out: str, name: str, ip: str) -> list[str]:
-    """The ``via ...`` part of each ``pong from NAME (IP) via VIA in Nms`` line."""
-    pat = re.compile(rf"^pong from {re.escape(name)} \({re.escape(ip)}\) via (\S+) in \d+ms$")
+    """The ``via ...`` part of each ``pong from NAME (IP) via VIA in LATENCY`` line. Latency is
+    ours ``12ms`` or Tailscale's Go duration rounded to ms (``0s`` under half a millisecond)."""
+    pat = re.compile(rf"^pong from {re.escape(name)} \({re.escape(ip)}\) via (\S+) "
+                     r"in (\d+ms|\d+(\.\d+)?s)$")
     return [m.group(1) for ln in out.splitlines() if (m := pat.match(ln))]
 
 
