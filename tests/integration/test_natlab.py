@@ -287,7 +287,7 @@ def test_teardown_leaves_nothing_behind_even_after_a_failure() -> None:
             lab.start_agent(a, ctl)
         lab.block_direct_udp()
         lab.block_port("tcp", 22)
-        lab.udp_socket(a, WG)
+        lab.udp_socket(a, WG + 1)  # not the agent's own port
         names, pids = list(lab.namespaces), [p.pid for p in lab.procs]
         assert len(names) >= 8 and len(pids) >= 3
         for ns in (lab.hub, a.ns, b.ns):  # the tables exist while the lab does
