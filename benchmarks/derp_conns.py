@@ -1,15 +1,21 @@
-"""Benchmark: N idle logged-in DERP clients; server RSS per client and packet RTT under that load.
+"""Benchmark: N logged-in DERP clients; server RSS per idle and per active client, RTT under load.
 
 First, against a real ``derper`` process: RSS growth per 10 000 closed connections, for
 upgrade-and-close and login-and-close visits (should be ≈0: nothing of a closed connection may
 stay referenced).
 
-The DerpServer runs behind aiohttp in its own process; this process opens N clients (default
-10 000), each doing the full HTTP upgrade and boxed login, then leaves them idle. Prints the
-server's RSS growth per client, and the round-trip time of a packet A→B→A between two extra
-clients, before the load and with the N clients connected (and their ratio).
+The DerpServer runs behind aiohttp in its own process; this process opens N clients, each doing
+the full HTTP upgrade and boxed login, then leaves them idle. Prints the server's RSS growth per
+client, and the round-trip time of a packet A→B→A between two extra clients, before the load
+and with the N clients connected (and their ratio). Then every client becomes active: it sends
+``--active-packets`` packets of ``--active-size`` bytes to the next client (a ring) and reads the
+ones sent to it; once all have arrived, the server's RSS growth per client is printed next to
+the idle figure (after the traffic, and at its peak, VmHWM). ``--clients`` takes a list (a fresh
+server for each N, default 1000 and 10 000); RLIMIT_NOFILE is raised for 2N + 1024 descriptors
+(root may raise the hard limit too): each process of the pair holds N sockets.
 
-    python3 benchmarks/derp_conns.py [--clients 10000] [--rtts 500] [--churn 20000]
+    python3 benchmarks/derp_conns.py [--clients 1000,10000] [--rtts 500] [--churn 20000]
+        [--active-packets 10] [--active-size 1400]
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ from tests import derpload as D  # noqa: E402
 
 def raise_nofile(want: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:  # root may raise the hard limit (up to fs.nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, want), want))
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ValueError, OSError):
+            pass
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
     if soft < target:
         try:
@@ -44,12 +56,33 @@ def raise_nofile(want: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
+
+
+async def ring_traffic(clients: list[DerpClient], count: int, size: int) -> float:
+    """Each client sends ``count`` packets to the next one and reads the ``count`` sent to it."""
+    n = len(clients)
+    pkt = os.urandom(size)
+    t0 = time.perf_counter()
+    for i, c in enumerate(clients):
+        dst = clients[(i + 1) % n].public_key
+        for _ in range(count):
+            c.send_nowait(dst, pkt)
+
+    async def drain_and_read(c: DerpClient) -> None:
+        await c.drain()
+        got = 0
+        while got < count:
+            if isinstance(await c.recv(), ReceivedPacket):
+                got += 1
+
+    await asyncio.wait_for(asyncio.gather(*(drain_and_read(c) for c in clients)), 120)
+    return time.perf_counter() - t0
 
 
 async def rtt_samples(a: DerpClient, b: DerpClient, n: int) -> list[float]:
@@ -73,7 +106,8 @@ def fmt(samples: list[float]) -> str:
             f"max {s[-1]:.3f} ms")
 
 
-async def run(port: int, key: bytes, pid: int, n: int, rtts: int) -> None:
+async def run(port: int, key: bytes, pid: int, n: int, rtts: int, active_packets: int,
+              active_size: int) -> None:
     url = f"http://127.0.0.1:{port}/derp"
     a = await DerpClient.connect(url, bytes(PrivateKey.generate()))
     b = await DerpClient.connect(url, bytes(PrivateKey.generate()))
@@ -96,12 +130,23 @@ async def run(port: int, key: bytes, pid: int, n: int, rtts: int) -> None:
     loaded = await rtt_samples(a, b, rtts)
     print(f"clients: {len(clients)} logged in over {login_s:.1f} s "
           f"({len(clients) / login_s:,.0f} logins/s)")
+    idle_per = (loaded_rss - base) / len(clients)
     print(f"server RSS: {base / 1024:.1f} MiB before, {loaded_rss / 1024:.1f} MiB with clients; "
-          f"{(loaded_rss - base) * 1024 / len(clients) / 1024:.1f} KiB per client")
+          f"{idle_per:.1f} KiB per client")
     print(f"RTT A->B->A idle server : {fmt(idle)}")
     print(f"RTT A->B->A under load  : {fmt(loaded)}")
     print(f"ratio loaded/idle median RTT: "
           f"{statistics.median(loaded) / statistics.median(idle):.2f}")
+    if active_packets:
+        dt = await ring_traffic(clients, active_packets, active_size)
+        await asyncio.sleep(1.0)
+        active_rss = rss_kib(pid)
+        peak = rss_kib(pid, "VmHWM")
+        print(f"active: each client sent and received {active_packets} x {active_size} B "
+              f"({len(clients) * active_packets / dt:,.0f} pkt/s over {dt:.1f} s)")
+        print(f"memory per client at {len(clients)} clients: idle {idle_per:.1f} KiB, "
+              f"active {(active_rss - base) / len(clients):.1f} KiB after the traffic "
+              f"(peak {(peak - base) / len(clients):.1f} KiB)")
     for c in clients:
         await c.close()
     await a.close()
@@ -130,24 +175,32 @@ def churn_growth(cycles: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=10_000)
+    ap.add_argument("--clients", default="1000,10000",
+                    help="comma-separated client counts, one server process each")
     ap.add_argument("--rtts", type=int, default=500)
     ap.add_argument("--churn", type=int, default=20_000,
                     help="closed connections per churn measurement (0 skips it)")
+    ap.add_argument("--active-packets", type=int, default=10,
+                    help="packets each client sends in the active phase (0 skips it)")
+    ap.add_argument("--active-size", type=int, default=1400)
     args = ap.parse_args()
+    counts = [int(x) for x in str(args.clients).split(",") if x.strip()]
     if args.churn:
         churn_growth(args.churn)
-    limit = raise_nofile(args.clients * 2 + 1024)  # the child process inherits this
-    if limit < args.clients + 256:
-        sys.exit(f"RLIMIT_NOFILE is {limit}; cannot hold {args.clients} clients")
-    proc, port, key = start_derp_process()
+    limit = raise_nofile(max(counts) * 2 + 1024)  # the child process inherits this
+    if limit < max(counts) + 256:
+        sys.exit(f"RLIMIT_NOFILE is {limit}; cannot hold {max(counts)} clients")
     loopname = _use_uvloop()
     print(f"loop {loopname}, RLIMIT_NOFILE {limit}")
-    try:
-        asyncio.run(run(port, key, proc.pid, args.clients, args.rtts))  # type: ignore[arg-type]
-    finally:
-        proc.terminate()
-        proc.join(5)
+    for n in counts:
+        proc, port, key = start_derp_process()
+        print(f"--- {n} clients")
+        try:
+            asyncio.run(run(port, key, proc.pid, n, args.rtts,  # type: ignore[arg-type]
+                            args.active_packets, args.active_size))
+        finally:
+            proc.terminate()
+            proc.join(5)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,10 @@ class DerpClient:
                       ssl: ssl_mod.SSLContext | bool | None = None,
                       mesh_key: str | None = None, can_ack_pings: bool = True,
                       is_prober: bool = False, app_name: str = "",
-                      ideal_node: str | None = None, timeout: float = 10.0) -> DerpClient:
-        """Dial ``url`` (``http(s)://host[:port]/derp``), upgrade, log in, await ServerInfo."""
+                      ideal_node: str | None = None, timeout: float = 10.0,
+                      dial_host: str | None = None) -> DerpClient:
+        """Dial ``url`` (``http(s)://host[:port]/derp``), upgrade, log in, await ServerInfo.
+        ``dial_host`` connects to that host instead (TLS name and Host header stay the URL's)."""
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"DERP url must be http(s)://host[:port]/path, got {url!r}")
@@ -103,7 +105,7 @@ class DerpClient:
 
         async def run() -> DerpClient:
             reader, writer = await asyncio.open_connection(
-                u.hostname, port, ssl=ssl, limit=_READ_SIZE,
+                dial_host or u.hostname, port, ssl=ssl, limit=_READ_SIZE,
                 server_hostname=u.hostname if ssl else None)
             try:
                 return await cls._login(reader, writer, private_key, server_public_key,
@@ -132,7 +134,14 @@ class DerpClient:
             ev = conn.next_event()
             c._flush()  # the ClientInfo (at once for fast start, else after ServerKey), Pongs
             if ev is None:
-                await c._fill()
+                try:
+                    await c._fill()
+                except ConnectionError as e:
+                    # A server that refuses the login may say why first (a Health frame).
+                    why = [x.problem for x in c._early if isinstance(x, Health) and x.problem]
+                    if why:
+                        raise ConnectionError(f"{e}: {why[-1]}") from None
+                    raise
             elif conn.logged_in:
                 return c  # ev is the ServerInfo that ended the login: now c.server_info
             else:
@@ -186,6 +195,10 @@ class DerpClient:
     def send_nowait(self, dst_key: bytes, pkt: bytes) -> None:
         """Queue a packet without waiting for the socket buffer (callers drain in batches)."""
         self._writer.write(self._conn.send_packet(dst_key, pkt))
+
+    def write_nowait(self, frames: bytes) -> None:
+        """Queue already-encoded frames (e.g. a derper's batch of ForwardPackets) unawaited."""
+        self._writer.write(frames)
 
     def send_many_nowait(self, dst_key: bytes, pkts: list[bytes]) -> None:
         """Several packets to one destination in one write (a GSO burst from WireGuard)."""

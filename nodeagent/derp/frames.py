@@ -128,6 +128,14 @@ class FrameReader:
         """Bytes buffered but not yet returned as a frame."""
         return len(self._buf) - self._pos
 
+    def take_pending(self) -> bytes:
+        """Remove and return the buffered bytes not yet returned as a frame (a caller that
+        parses a stream itself takes over the partial frame and later feeds back its own rest)."""
+        rest = self._buf[self._pos:]
+        self._buf = b""
+        self._pos = 0
+        return rest
+
 
 def frame(ftype: int, payload: bytes = b"") -> bytes:
     return _HDR.pack(ftype, len(payload)) + payload

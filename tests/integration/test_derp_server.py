@@ -320,7 +320,7 @@ async def test_verify_client_rejects(make: Any) -> None:
     allowed_pub = bytes(PrivateKey(allowed).public_key)
     seen: list[dict[str, Any]] = []
 
-    async def verify(key: bytes, info: dict[str, Any]) -> bool:
+    async def verify(key: bytes, info: dict[str, Any], remote: Any) -> bool:
         seen.append(info)
         return key == allowed_pub
 

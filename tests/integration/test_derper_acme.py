@@ -4,7 +4,9 @@ Everything runs inside one fresh network namespace so the derper can own ports 4
 (Tailscale's rule: TLS only on 443 or in manual mode): ``pebble-challtestsrv`` is the DNS
 answering 127.0.0.1 for ``derp.test``, pebble's VA fetches the token from the derper's
 ``--http-port 80``, and then curl (hostname-verified) and two DERP clients use the issued
-certificate over TLS.
+certificate over TLS. Pebble issues certificates valid for ``CERT_LIFETIME`` seconds (its
+config's ``certificateValidityPeriod``, pebble ≥ 2.3), so the derper renews while the test runs:
+a new TLS connection then gets a new serial while the two DERP clients keep relaying.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ from tests.netns import call_in_netns, make_netns, popen_in_netns, run_in_netns,
 pytestmark = pytest.mark.feature("derper")
 
 ENV = {**os.environ, "NO_PROXY": "*"}  # the installed nodeagent_derper, never a checkout path
+CERT_LIFETIME = 24  # seconds: renewed when a third is left, i.e. about 16 s after issuance
 
 
 def _pebble_listener_cert(tmp: Path) -> Path:
@@ -90,7 +94,8 @@ def test_letsencrypt_mode_with_pebble(tmp_path: Path) -> None:
         "listenAddress": "127.0.0.1:14000", "managementListenAddress": "127.0.0.1:15000",
         "certificate": str(tmp_path / "pebble.crt"), "privateKey": str(tmp_path / "pebble.key"),
         "httpPort": 80, "tlsPort": 5001, "ocspResponderURL": "",
-        "externalAccountBindingRequired": False}}))
+        "externalAccountBindingRequired": False,
+        "certificateValidityPeriod": CERT_LIFETIME}}))
     certdir = tmp_path / "certs"
     procs: list[subprocess.Popen[str]] = []
     with make_netns("acme") as ns:
@@ -155,18 +160,37 @@ def test_letsencrypt_mode_with_pebble(tmp_path: Path) -> None:
                                              bytes(PrivateKey.generate()), ssl=ctx)
                 b = await DerpClient.connect("https://127.0.0.1/derp",
                                              bytes(PrivateKey.generate()), ssl=ctx)
-                try:
-                    await a.send(b.public_key, b"via acme tls")
+                async def relay(data: bytes) -> None:
+                    await a.send(b.public_key, data)
                     while True:
                         ev = await asyncio.wait_for(b.recv(), 5)
                         if isinstance(ev, ReceivedPacket):
                             break
-                    assert ev.data == b"via acme tls" and ev.src == a.public_key
+                    assert ev.data == data and ev.src == a.public_key
+
+                def serial() -> int:  # of the certificate a new TLS connection gets
+                    with socket.create_connection(("127.0.0.1", 443), timeout=5) as raw, \
+                            ctx.wrap_socket(raw) as tls:  # chain verified against the root
+                        der = tls.getpeercert(binary_form=True)
+                    assert der is not None
+                    return int(x509.load_der_x509_certificate(der).serial_number)
+
+                try:
+                    await relay(b"via acme tls")
+                    # Renewal before expiry, swapped in without a restart: a new connection
+                    # sees a new serial, the connections made before keep working.
+                    first = await asyncio.to_thread(serial)
+                    deadline = time.monotonic() + CERT_LIFETIME + 20
+                    while (now := await asyncio.to_thread(serial)) == first:
+                        assert time.monotonic() < deadline, "the certificate was not renewed"
+                        await asyncio.sleep(0.2)
+                    assert now != first
+                    await relay(b"after renewal")
                 finally:
                     await a.close()
                     await b.close()
 
-            call_in_netns(ns, lambda: asyncio.run(derp_exchange()), timeout=30)
+            call_in_netns(ns, lambda: asyncio.run(derp_exchange()), timeout=CERT_LIFETIME + 40)
         finally:
             for p in reversed(procs):
                 p.terminate()

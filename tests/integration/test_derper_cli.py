@@ -82,7 +82,8 @@ def test_bad_flags_are_one_line_usage_errors(tmp_path: Path) -> None:
     assert_one_line_error(run_derper("--stun=maybe"), 2, "invalid")
     assert_one_line_error(run_derper("-a", "nonsense"), 2, "listen address")
     assert_one_line_error(run_derper("--certmode", "gcp"), 2, "certmode")
-    assert_one_line_error(run_derper("--dev", "--verify-clients"), 2, "not supported yet")
+    assert_one_line_error(run_derper("--dev", "--verify-client-url", "ftp://x"), 2,
+                          "--verify-client-url 'ftp://x': want an http:// or https:// URL")
     assert_one_line_error(run_derper("--dev", "--home", "ftp://x"), 2, "--home")
     assert_one_line_error(run_derper("--dev", "--tcp-write-timeout", "2 fortnights"), 2,
                           "invalid duration")

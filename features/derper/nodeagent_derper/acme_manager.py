@@ -3,8 +3,10 @@
 Owns the ACME account key (``acme_account.key`` in ``--certdir``), ordering a certificate for the
 hostname with the HTTP-01 challenge (the tokens are served by the ``--http-port`` listener from
 ``challenges``), writing ``<hostname>.crt``/``.key`` where ``CertStore`` picks them up, and the
-renewal loop. The ``acme`` library is synchronous (requests), so each order runs in a worker
-thread. The CA's TLS certificate is verified against the system store, or ``REQUESTS_CA_BUNDLE``.
+renewal loop: renew when a third of the lifetime is left (at most 30 days ahead), re-checked at
+least every 12 h, failed orders retried with a doubling back-off (30 s to 1 h). The ``acme``
+library is synchronous (requests), so each order runs in a worker thread. The CA's TLS
+certificate is verified against the system store, or ``REQUESTS_CA_BUNDLE``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ _MAX_RENEW_AHEAD = datetime.timedelta(days=30)
 _MAX_CHECK_INTERVAL = 12 * 3600.0
 _FIRST_RETRY = 30.0
 _MAX_RETRY = 3600.0
+_MIN_GAP = 5.0  # never order twice within this many seconds, however short-lived the cert
 
 
 class AcmeError(Exception):
@@ -157,8 +160,9 @@ class AcmeManager:
                 continue
             retry = _FIRST_RETRY
             if self._on_obtained is not None:
-                self._on_obtained()
+                self._on_obtained()  # swaps the new certificate into the listener
             self.ready.set()
+            await asyncio.sleep(_MIN_GAP)
 
 
 def _one_line(e: BaseException) -> str:

@@ -31,7 +31,13 @@ from nodeagent.netguard import (
 )
 from nodeagent_derper import home
 from nodeagent_derper.acme_manager import LETSENCRYPT_DIRECTORY, AcmeManager
-from nodeagent_derper.certs import CertError, CertStore, ensure_self_signed_for_ip, is_ip
+from nodeagent_derper.certs import (
+    POLL_SECONDS,
+    CertError,
+    CertStore,
+    ensure_self_signed_for_ip,
+    is_ip,
+)
 from nodeagent_derper.debug import DebugHandlers
 from nodeagent_derper.metrics import DerperMetrics
 from nodeagent_derper.server import DEFAULT_WRITE_TIMEOUT
@@ -42,6 +48,7 @@ from nodeagent_derper.stun_ratelimit import (
     StunRateLimits,
 )
 from nodeagent_derper.stun_server import start_stun
+from nodeagent_derper.verify import Admission, build_admission
 
 log = logging.getLogger("derper")
 
@@ -51,6 +58,12 @@ HANDSHAKE_TIMEOUT = 10.0
 # TLS handshakes and DERP handshakes in progress). Logged-in clients do not count, so a whole
 # office behind one NAT is fine; a stranger holding sockets open is not.
 DEFAULT_MAX_PENDING_PER_IP = 256
+# Tailscale's --tcp-keepalive-time / --tcp-user-timeout defaults. As Tailscale's derper (Go's
+# keep-alive settings), probes then go every 15 s and 9 unanswered ones end the connection.
+DEFAULT_TCP_KEEPALIVE = 600.0
+DEFAULT_TCP_USER_TIMEOUT = 15.0
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 9
 
 
 class StartupError(Exception):
@@ -80,10 +93,19 @@ class DerperOptions:
     accept_connection_limit: float = math.inf
     accept_connection_burst: int = 2**31 - 1
     mesh_key: str | None = None  # 64 lowercase hex digits
+    mesh_with: list[str] = field(default_factory=list)  # --mesh-with entries (needs mesh_key)
     rate_limit_bytes_per_sec: int | None = None
     rate_limit_burst: int | None = None
+    rate_config: str = ""  # the --rate-config file, re-read on SIGHUP
+    tcp_keepalive: float = DEFAULT_TCP_KEEPALIVE  # idle seconds before probes; 0 = off
+    tcp_user_timeout: float = DEFAULT_TCP_USER_TIMEOUT  # seconds; 0 = the kernel's default
+    cert_poll_interval: float = POLL_SECONDS  # seconds between certificate file checks
     write_timeout: float = DEFAULT_WRITE_TIMEOUT  # seconds; 0 disables
     max_pending_per_ip: int = DEFAULT_MAX_PENDING_PER_IP  # 0 disables
+    verify_clients: bool = False  # admit only node keys the local nodeagent knows
+    socket: str = ""  # its LocalAPI socket ("" = nodeagent's default)
+    verify_client_url: str = ""  # admission webhook
+    verify_client_url_fail_open: bool = True
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -130,6 +152,20 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+def tune_accepted(conn: socket.socket, keepalive: float, user_timeout: float) -> None:
+    """``--tcp-keepalive-time`` and ``--tcp-user-timeout`` on an accepted socket (0 = leave
+    keep-alive off / the kernel's user timeout)."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
+        if keepalive > 0:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(keepalive)))
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        if user_timeout > 0:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            max(1, round(user_timeout * 1000)))
 
 
 def _listen_sockets(host: str, port: int) -> list[socket.socket]:
@@ -198,6 +234,8 @@ class Derper:
         self.http_port = 0
         self.stun_port = 0
         self.stopped = asyncio.Event()
+        self.mesh: Any = None  # nodeagent_derper.mesh.Mesh once started with --mesh-with
+        self.admission: Admission | None = None  # the client checks, when configured
 
     # --- construction of the pieces ---
 
@@ -210,6 +248,10 @@ class Derper:
                                     rate_limit_bytes_per_sec=o.rate_limit_bytes_per_sec,
                                     rate_limit_burst=o.rate_limit_burst,
                                     write_timeout=o.write_timeout, registry=self.registry)
+            # --verify-clients / --verify-client-url (nodeagent_derper.verify)
+            self.admission = build_admission(o.verify_clients, o.socket, o.verify_client_url,
+                                             o.verify_client_url_fail_open, self.registry)
+            self._derp.verify_client = self.admission
         if hasattr(self._derp, "on_login"):
             self._derp.on_login = self._logged_in
         return self._derp
@@ -223,10 +265,32 @@ class Derper:
                 "hostname": self.opts.hostname, "TLS": self.tls,
                 "certmode": self.opts.certmode if self.tls else "-",
                 "mesh key": self.opts.mesh_key is not None, "derp": self.opts.derp,
-                "STUN port": self.stun_port if self.opts.stun else "off"}
+                "STUN port": self.stun_port if self.opts.stun else "off",
+                **({"mesh peers": self.mesh.summary()} if self.mesh is not None else {})}
+
+    def display_name(self) -> str:
+        """The name the home page shows: ``--hostname`` when it means something (TLS is served
+        for it, or it was given), else where this derper listens (``--dev`` keeps the default
+        hostname, which names some other server)."""
+        o = self.opts
+        if self.tls or o.hostname != DerperOptions.hostname:
+            return o.hostname
+        try:
+            host, _ = split_hostport(o.addr)
+        except ValueError:
+            host = ""
+        host = host.strip("[]") or socket.gethostname()
+        return f"[{host}]:{self.main_port}" if ":" in host else f"{host}:{self.main_port}"
 
     def _stats(self) -> dict[str, Any]:
-        return self._derp.stats() if self._derp is not None and self.opts.derp else {}
+        if self._derp is None or not self.opts.derp:
+            return {}
+        st = self._derp.stats()
+        if self.mesh is not None:
+            st["mesh"] = self.mesh.stats()
+        if self.admission is not None:
+            st["admission"] = self.admission.stats()
+        return st
 
     async def _derp_disabled(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=404, text="derp server disabled\n")
@@ -241,7 +305,7 @@ class Derper:
         r.add_get("/generate_204", home.generate_204)
         r.add_get("/robots.txt", home.robots)
         r.add_get("/bootstrap-dns", self.bootstrap.handle)
-        r.add_get("/", home.HomePage(self.opts.home, self.opts.hostname, self.opts.derp).handle)
+        r.add_get("/", home.HomePage(self.opts.home, self.display_name, self.opts.derp).handle)
         DebugHandlers(self.registry, self.info, self._stats).add_routes(app)
         return app
 
@@ -268,6 +332,12 @@ class Derper:
             self.metrics.cert_expiry.set(not_after)
 
         self.cert_store = CertStore(o.certdir, o.hostname, on_load=loaded)
+
+        def obtained() -> None:
+            self.metrics.acme_renewals.inc()
+            if self.cert_store is not None:
+                self.cert_store.reload()
+
         if o.certmode == "manual":
             if is_ip(o.hostname):
                 pin = ensure_self_signed_for_ip(o.certdir, o.hostname)
@@ -286,7 +356,7 @@ class Derper:
                                    "HTTP-01 challenge")
             self.acme = AcmeManager(o.hostname, o.certdir, directory_url=o.acme_directory,
                                     email=o.acme_email,
-                                    on_obtained=self.metrics.acme_renewals.inc,
+                                    on_obtained=obtained,
                                     on_failed=self.metrics.acme_failures.inc)
             with contextlib.suppress(CertError):
                 self.cert_store.load()  # a certificate from an earlier run, if any
@@ -340,14 +410,17 @@ class Derper:
             conn.setblocking(False)
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_accepted(conn, self.opts.tcp_keepalive, self.opts.tcp_user_timeout)
             conn_factory = pending.wrap_held(factory, addr[0], addr) if limited else factory
             self._spawn(self._serve_conn(conn_factory, conn, addr, ctx), conn=True)
 
     async def _serve_app(self, app: web.Application, host: str, port: int,
                          ctx: ssl.SSLContext | None, limited: bool,
                          wrap_derp: bool = False) -> int:
+        # tcp_keepalive=False: aiohttp would switch SO_KEEPALIVE on with the kernel's timers;
+        # tune_accepted applies --tcp-keepalive-time instead.
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               keepalive_timeout=request_timeout())
+                               keepalive_timeout=request_timeout(), tcp_keepalive=False)
         await runner.setup()
         self._runners.append(runner)
         socks = _listen_sockets(host, port)
@@ -389,12 +462,53 @@ class Derper:
             raise
         if self.acme is not None:
             self._spawn(self.acme.run())
+        if self.cert_store is not None and o.cert_poll_interval > 0:
+            self._spawn(self._poll_certs(self.cert_store, o.cert_poll_interval))
         if o.bootstrap_dns_names:
             self._spawn(self.bootstrap.run())
+        if o.mesh_with and o.derp and self._derp is not None:
+            self._start_mesh(host)
         scheme = "https" if self.tls else "http"
         log.info("derper serving %s on %s port %d%s%s", scheme, host or "*", self.main_port,
                  f", http on {self.http_port}" if self.http_port else "",
                  f", STUN on UDP {self.stun_port}" if self._stun else "")
+
+    def _start_mesh(self, listen_host: str) -> None:
+        from nodeagent_derper.mesh import Mesh, is_self, parse_entry
+
+        o = self.opts
+        targets: list[tuple[str, str | None]] = []
+        for entry in o.mesh_with:
+            try:
+                if is_self(entry, o.hostname, listen_host, self.main_port):
+                    continue
+                target = parse_entry(entry)
+            except ValueError as e:
+                raise StartupError(str(e)) from None
+            if target not in targets:
+                targets.append(target)
+        try:
+            self.mesh = Mesh(self._derp, targets)
+        except ValueError as e:
+            raise StartupError(f"--mesh-with: {e}") from None
+        self.mesh.start()
+        log.info("mesh with %s", ", ".join(u for u, _ in targets) or "no other derper")
+
+    async def _poll_certs(self, store: CertStore, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            store.poll()
+
+    def reload_certs(self) -> None:
+        """SIGHUP: re-read the certificate files now (a broken pair keeps the old one)."""
+        if self.cert_store is not None:
+            self.cert_store.reload()
+
+    def set_rate_limit(self, rate: int | None, burst: int | None) -> None:
+        """New per-client receive rate limit for current and future DERP connections."""
+        self.opts.rate_limit_bytes_per_sec, self.opts.rate_limit_burst = rate, burst
+        if self._derp is not None and hasattr(self._derp, "set_rate_limit"):
+            self._derp.set_rate_limit(rate, burst)
 
     async def stop(self, graceful: bool = True) -> None:
         """Stop accepting, tell DERP clients (Restarting frame when graceful), close all."""
@@ -409,6 +523,11 @@ class Derper:
         self._stun.clear()
         for t in list(self._tasks):
             t.cancel()
+        if self.mesh is not None:
+            try:
+                await asyncio.wait_for(self.mesh.stop(), 5.0)
+            except Exception as e:
+                log.warning("mesh shutdown: %s", e)
         if self._derp is not None:
             try:
                 await asyncio.wait_for(self._derp.shutdown(graceful=graceful), 10.0)
@@ -419,6 +538,8 @@ class Derper:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        if self.admission is not None:
+            await self.admission.close()
         pending = [*self._tasks, *self._conn_tasks]
         if pending:
             await asyncio.wait(pending, timeout=5.0)

@@ -1,5 +1,6 @@
 """The ``derper`` command (also ``nodeagent derper``): flags with Tailscale's names, the private
-key config file, the mesh key, and running ``Derper`` until SIGTERM/SIGINT.
+key config file, the mesh key, and running ``Derper`` until SIGTERM/SIGINT (SIGHUP reloads the
+certificate files and ``--rate-config``).
 
 Flags are accepted Go-style as well (``-hostname x``, ``-stun=false``); booleans take
 ``--flag``, ``--flag=true`` or ``--flag=false``. Every operator error — a bad flag, a missing
@@ -26,6 +27,8 @@ from nacl.public import PrivateKey
 from nodeagent_derper.acme_manager import LETSENCRYPT_DIRECTORY
 from nodeagent_derper.app import (
     DEFAULT_MAX_PENDING_PER_IP,
+    DEFAULT_TCP_KEEPALIVE,
+    DEFAULT_TCP_USER_TIMEOUT,
     DEV_ADDR,
     Derper,
     DerperOptions,
@@ -33,8 +36,10 @@ from nodeagent_derper.app import (
     default_certdir,
     split_hostport,
 )
+from nodeagent_derper.mesh import peer_url
 from nodeagent_derper.server import DEFAULT_WRITE_TIMEOUT
 from nodeagent_derper.stun_ratelimit import DEFAULT_BURST, DEFAULT_GLOBAL_RATE, DEFAULT_RATE
+from nodeagent_derper.verify import check_url
 
 PROG = "derper"
 DEFAULT_CONFIG = "/var/lib/derper/derper.key"
@@ -84,6 +89,19 @@ def parse_duration(v: str) -> float:
     return secs
 
 
+def parse_timeout_flag(v: str) -> float:
+    """A Go duration for --tcp-keepalive-time / --tcp-user-timeout; 0 or negative (Tailscale's
+    way to disable keep-alive) gives 0 = off."""
+    text = v.strip()
+    if text.startswith("-"):
+        try:
+            parse_duration(text[1:])  # still has to be a duration
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"invalid duration {v!r} (e.g. 10m, 15s)") from None
+        return 0.0
+    return parse_duration(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, allow_abbrev=False,
                 description="DERP relay server (Tailscale-compatible), with STUN, TLS "
@@ -129,17 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
     flag("accept-connection-burst", type=int, default=2**31 - 1,
          help="burst of the accept rate limit")
     flag("rate-config", default="", help='JSON file {"PerClientRateLimitBytesPerSec": N, '
-         '"PerClientRateBurstBytes": N}: per-client receive rate limit')
-    boolean("verify-clients", False, "admit only clients known to the local nodeagent "
-            "(not supported yet)")
+         '"PerClientRateBurstBytes": N}: per-client receive rate limit (re-read on SIGHUP)')
+    boolean("verify-clients", False, "admit only node keys the local nodeagent knows (its own "
+            "and its netmap's peers), asked over its LocalAPI socket (--socket)")
+    flag("socket", default="", metavar="PATH", help="the nodeagent LocalAPI socket for "
+         "--verify-clients (default $NODEAGENT_SOCKET or /run/nodeagent/nodeagent.sock)")
+    flag("verify-client-url", default="", metavar="URL", help="admission webhook: POST "
+         '{"NodePublic", "Source"} per client, answer {"Allow": bool}')
+    boolean("verify-client-url-fail-open", True, "admit clients when --verify-client-url "
+            "cannot be reached (false: refuse them)")
     flag("tcp-write-timeout", type=parse_duration, default=DEFAULT_WRITE_TIMEOUT,
          metavar="DURATION", help="close a client whose writes make no progress for this long "
          "(default 2s; 0 disables)")
+    flag("tcp-keepalive-time", type=parse_timeout_flag, default=DEFAULT_TCP_KEEPALIVE,
+         metavar="DURATION", help="TCP keep-alive idle time on accepted connections, then "
+         "probes every 15s, 9 unanswered end it (default 10m; 0 disables)")
+    flag("tcp-user-timeout", type=parse_timeout_flag, default=DEFAULT_TCP_USER_TIMEOUT,
+         metavar="DURATION", help="TCP_USER_TIMEOUT on accepted connections: how long sent "
+         "data may stay unacknowledged (default 15s; 0 leaves the kernel's default)")
     flag("max-pending-per-ip", type=int, default=DEFAULT_MAX_PENDING_PER_IP, metavar="N",
          help="connections one source IP may hold open before logging in to DERP (HTTP "
          "requests, TLS and DERP handshakes); more are closed at once (default %(default)s; "
          "0 disables; not a Tailscale flag)")
     flag("mesh-psk-file", default="", help="file holding the mesh key (64 hex digits)")
+    flag("mesh-with", default="", metavar="HOSTS",
+         help="comma-separated derpers of this region to mesh with: host names (dialled as "
+         "https://HOST/derp), host:port or http(s):// URLs; this derper's own entry is skipped. "
+         "Needs the mesh key")
     p.add_argument("-c", "--config", default="", help="private key file (JSON, created 0600 "
                    f"if missing; default {DEFAULT_CONFIG} when root)")
     boolean("version", False, "print the version and exit")
@@ -227,8 +261,11 @@ def load_rate_config(path: str) -> tuple[int | None, int | None]:
 
 def options_from_args(ns: argparse.Namespace) -> DerperOptions:
     """Validate the parsed flags and load the files they name."""
-    if ns.verify_clients:
-        raise UsageError("--verify-clients is not supported yet")
+    if ns.verify_client_url:
+        try:
+            check_url(ns.verify_client_url)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     addr = ns.addr if ns.addr is not None else (DEV_ADDR if ns.dev else ":443")
     try:
         split_hostport(addr)
@@ -262,8 +299,20 @@ def options_from_args(ns: argparse.Namespace) -> DerperOptions:
         mesh = os.environ["TAILSCALE_DERPER_MESH_KEY"].strip().lower()
         if len(mesh) != 64 or any(c not in "0123456789abcdef" for c in mesh):
             raise UsageError("TAILSCALE_DERPER_MESH_KEY: want 64 hex digits")
+    mesh_with = [e.strip() for e in ns.mesh_with.split(",") if e.strip()]
+    if mesh_with and mesh is None:
+        raise UsageError("--mesh-with needs the mesh key: --mesh-psk-file FILE "
+                         "(or TAILSCALE_DERPER_MESH_KEY with --dev)")
+    for entry in mesh_with:
+        try:
+            peer_url(entry)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     rate, burst = load_rate_config(ns.rate_config) if ns.rate_config else (None, None)
     return DerperOptions(
+        verify_clients=ns.verify_clients, socket=ns.socket,
+        verify_client_url=ns.verify_client_url,
+        verify_client_url_fail_open=ns.verify_client_url_fail_open,
         private_key=key, addr=addr, hostname=ns.hostname, certmode=ns.certmode,
         certdir=ns.certdir or default_certdir(), http_port=ns.http_port, stun=ns.stun,
         stun_port=ns.stun_port, stun_strict=ns.stun_strict,
@@ -273,24 +322,44 @@ def options_from_args(ns: argparse.Namespace) -> DerperOptions:
         bootstrap_dns_names=[n.strip() for n in ns.bootstrap_dns_names.split(",") if n.strip()],
         acme_directory=ns.acme_directory, acme_email=ns.acme_email,
         accept_connection_limit=ns.accept_connection_limit,
-        accept_connection_burst=ns.accept_connection_burst, mesh_key=mesh,
-        rate_limit_bytes_per_sec=rate, rate_limit_burst=burst,
+        accept_connection_burst=ns.accept_connection_burst, mesh_key=mesh, mesh_with=mesh_with,
+        rate_limit_bytes_per_sec=rate, rate_limit_burst=burst, rate_config=ns.rate_config,
+        tcp_keepalive=ns.tcp_keepalive_time, tcp_user_timeout=ns.tcp_user_timeout,
         write_timeout=ns.tcp_write_timeout, max_pending_per_ip=ns.max_pending_per_ip)
 
 
+def reload_on_hup(derper: Derper, opts: DerperOptions) -> None:
+    """SIGHUP: re-read the certificate files and ``--rate-config``; whatever is unusable keeps
+    its previous value, with one log line."""
+    log = logging.getLogger("derper")
+    log.info("SIGHUP: reloading certificates%s", " and rate config" if opts.rate_config else "")
+    derper.reload_certs()
+    if not opts.rate_config:
+        return
+    try:
+        rate, burst = load_rate_config(opts.rate_config)
+    except StartupError as e:
+        log.error("%s; keeping the previous rate limit", e)
+        return
+    derper.set_rate_limit(rate, burst)
+    log.info("per-client rate limit now %s", f"{rate} bytes/s, burst {burst or 0} bytes"
+             if rate else "off")
+
+
 async def serve(opts: DerperOptions) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads."""
     loop = asyncio.get_running_loop()
     derper = Derper(opts)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hup, derper, opts)
     try:
         await derper.start()
         await stop.wait()
         logging.getLogger("derper").info("shutting down")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await derper.stop(graceful=True)
 
@@ -302,8 +371,9 @@ def _fail(msg: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``derper``; returns the exit status."""
-    logging.basicConfig(level=os.environ.get("DERPER_LOG", "INFO"),
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from nodeagent.logconfig import configure_logging
+
+    configure_logging("DERPER_LOG")  # timestamps, or journald's <priority> under systemd
     parser = build_parser()
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["--"]:

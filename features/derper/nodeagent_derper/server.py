@@ -24,6 +24,7 @@ from nacl.public import PrivateKey
 
 from nodeagent.derp import frames as F
 from nodeagent_derper.server_conn import Conn, RawConn
+from nodeagent_derper.server_relay import tune_malloc
 from nodeagent_derper.server_sniff import SniffProtocol
 from nodeagent_derper.server_stats import DerpCollector
 from nodeagent_derper.server_ws import WsConn
@@ -33,9 +34,11 @@ RESTART_RECONNECT_MS = 1000
 RESTART_TRY_FOR_MS = 60000
 DEFAULT_WRITE_TIMEOUT = 2.0  # as Tailscale's derper (--tcp-write-timeout)
 DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "gone_disconnected", "queue_head",
-                "queue_tail", "write_error", "dup_client")
+                "queue_tail", "write_error", "dup_client", "mesh_write_full", "mesh_down")
 
-VerifyClient = Callable[[bytes, dict[str, Any]], Awaitable[bool]]
+# (node key, ClientInfo JSON, peer address) → admit? A falsy answer with a ``message`` attribute
+# (nodeagent_derper.verify.Verdict) is sent to the refused client in a Health frame.
+VerifyClient = Callable[[bytes, dict[str, Any], Any], Awaitable[Any]]
 
 
 class DerpServer:
@@ -55,18 +58,15 @@ class DerpServer:
             raise ValueError("mesh key must be 64 hex digits")
         self.verify_client = verify_client
         self.send_queue_depth = send_queue_depth
-        self.rate = rate_limit_bytes_per_sec or None
-        burst = rate_limit_burst or 0
-        self.rate_burst = max(burst, F.MAX_PACKET_SIZE + 32) if self.rate else 0
         self.handshake_timeout = handshake_timeout
         self.keepalive_interval = keepalive_interval
         # Seconds a connection's writes may stay paused before it is closed; 0 disables.
         self.write_timeout = write_timeout
         self.server_key_frame = F.encode_server_key(self.public_key)
         self.server_info: dict[str, Any] = {"version": F.PROTOCOL_VERSION}
-        if self.rate:
-            self.server_info["TokenBucketBytesPerSecond"] = int(self.rate)
-            self.server_info["TokenBucketBytesBurst"] = int(self.rate_burst)
+        self.rate: float | None = None
+        self.rate_burst = 0
+        self.set_rate_limit(rate_limit_bytes_per_sec, rate_limit_burst)
         self._upgrade_101 = (
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
             f"Derp-Version: {F.PROTOCOL_VERSION}\r\nDerp-Public-Key: {self.public_key.hex()}"
@@ -76,6 +76,9 @@ class DerpServer:
         self.conns: dict[bytes, list[Conn]] = {}
         self.active: dict[bytes, Conn] = {}
         self.watchers: set[Conn] = set()
+        # Client keys connected on mesh peers → the peer's forwarder (``mesh.MeshPeer``, with
+        # ``forward(src, dst_and_packet, disco)``); owned and filled by ``mesh.Mesh``.
+        self.remote: dict[bytes, Any] = {}
         self.dirty: list[Conn] = []
         self.held: dict[Any, SniffProtocol] = {}
         # Called with each connection that completes its login (the app frees the connection's
@@ -103,6 +106,7 @@ class DerpServer:
             registry = CollectorRegistry()
         self.registry = registry
         registry.register(DerpCollector(self))
+        tune_malloc()  # a relay process's reads: heap buffers, not an mmap per read
 
     # --- HTTP entry points ----------------------------------------------------------------------
 
@@ -265,6 +269,17 @@ class DerpServer:
 
     # --- lifecycle and introspection -------------------------------------------------------------
 
+    def set_rate_limit(self, bytes_per_sec: float | None, burst: int | None) -> None:
+        """The per-client receive rate limit (None or 0: unlimited). Live connections use the
+        new values from their next frame on; ServerInfo of later logins announces them."""
+        self.rate = bytes_per_sec or None
+        self.rate_burst = max(burst or 0, F.MAX_PACKET_SIZE + 32) if self.rate else 0
+        info: dict[str, Any] = {"version": F.PROTOCOL_VERSION}
+        if self.rate:
+            info["TokenBucketBytesPerSecond"] = int(self.rate)
+            info["TokenBucketBytesBurst"] = int(self.rate_burst)
+        self.server_info = info
+
     async def shutdown(self, graceful: bool = True) -> None:
         """Tell every client to come back (Restarting), then close all connections."""
         self._closing = True
@@ -308,6 +323,8 @@ class DerpServer:
             "home_moves_in": self.home_moves_in,
             "home_moves_out": self.home_moves_out,
             "rate_limit_waits": self.rate_limit_waits,
+            "mesh_key_refusals": self.closed_reasons.get("bad_mesh_key", 0),
+            "remote_clients": len(self.remote),
             "packets_dropped": {f"{r}/{k}": v[0] for (r, k), v in self.drops.items() if v[0]},
             "bytes_dropped": {f"{r}/{k}": v[1] for (r, k), v in self.drops.items() if v[0]},
             "closed": dict(self.closed_reasons),

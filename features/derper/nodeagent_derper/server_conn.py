@@ -3,8 +3,9 @@
 A connection does its work synchronously in the transport's callbacks (no task per connection
 for the raw TCP variant): bytes in → :class:`FrameReader` → dispatch → frames appended to the
 destination's outgoing list, which the server flushes once per read pass (one write per
-destination per pass). While a destination's transport is paused (its socket buffer is full) its
-packets go to bounded per-kind queues instead, dropping the oldest — a slow receiver never
+destination per pass); once logged in (no rate limit), :func:`server_relay.relay` does the
+same with less work per packet. While a destination's transport is paused (its socket buffer is
+full) its packets go to bounded per-kind queues instead, dropping the oldest — a slow receiver never
 stalls the sender or anyone else. A connection whose writes stay paused longer than the server's
 write timeout (Tailscale's derper: 2 s per write) is closed: a peer that stopped reading must not
 hold its memory and its place in the registry forever.
@@ -19,6 +20,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from nodeagent.derp import frames as F
+from nodeagent_derper.server_relay import relay
 
 if TYPE_CHECKING:
     from nodeagent_derper.server import DerpServer
@@ -162,9 +164,13 @@ class Conn:
     def on_data(self, data: bytes) -> None:
         if self.closed:
             return
-        self.reader.feed(data)
-        if not self.read_paused:
-            self.process()
+        if (self.logged_in and not self.read_paused and not self.dups
+                and (self.mesh or self.srv.rate is None)):
+            relay(self, data)
+        else:
+            self.reader.feed(data)
+            if not self.read_paused:
+                self.process()
         self.srv.flush()
 
     def process(self) -> None:
@@ -228,6 +234,11 @@ class Conn:
         self.key = info.key
         self.mesh = (info.mesh_key is not None and srv.mesh_key_bytes is not None
                      and hmac.compare_digest(info.mesh_key, srv.mesh_key_bytes))
+        if info.mesh_key is not None and not self.mesh:
+            # A mesh key that is not ours: refused (saying why), not demoted to a plain client.
+            self.send_ctrl(F.encode_health("mesh key mismatch"))
+            self.close("bad_mesh_key")
+            return
         if srv.verify_client is None or self.mesh:
             self._complete_login()
             return
@@ -237,7 +248,8 @@ class Conn:
 
     async def _verify(self, info: F.ClientInfo) -> None:
         try:
-            ok = await self.srv.verify_client(info.key, dict(info.raw))  # type: ignore[misc]
+            ok = await self.srv.verify_client(  # type: ignore[misc]
+                info.key, dict(info.raw), self.remote)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -246,6 +258,10 @@ class Conn:
         if self.closed:
             return
         if not ok:
+            # A refusal that says why (verify.Verdict) is told to the client in a Health frame.
+            why = getattr(ok, "message", "")
+            if why:
+                self.send_ctrl(F.encode_health(why))
             self.close("not_admitted")
             return
         self._complete_login()
@@ -282,7 +298,11 @@ class Conn:
                 srv.disco_received += 1
             d = srv.active.get(dst)
             if d is None:
-                self._no_dest(dst, disco, plen)
+                fwd = srv.remote.get(dst)
+                if fwd is None:
+                    self._no_dest(dst, disco, plen)
+                else:
+                    fwd.forward(self.key, payload, disco)  # connected on a mesh peer
                 return
             if dst not in self.sent_to:
                 self.sent_to.add(dst)

@@ -60,6 +60,7 @@ class DerpCollector:
             ("home_moves_in", "connections becoming home after their first 5 s"),
             ("home_moves_out", "connections ceasing to be home after their first 5 s"),
             ("rate_limit_waits", "times a client's reading paused for its rate limit"),
+            ("mesh_key_refusals", "logins refused for presenting a wrong mesh key"),
         ):
             yield counter(name, doc, st[name])
         kind = CounterMetricFamily("derp_packets_received_kind", "received packets by kind",
