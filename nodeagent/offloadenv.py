@@ -3,9 +3,9 @@
 ``NODEAGENT_UDP_OFFLOAD`` (UDP GSO/GRO on the WireGuard socket) and ``NODEAGENT_TUN_OFFLOAD``
 (IFF_VNET_HDR: joined TCP writes into the TUN device) are on unless set to 0/false/no/off, for
 comparing with and without and for kernels or setups where an offload misbehaves.
-``NODEAGENT_TUN_TSO`` (the kernel hands TSO segments to us to cut up) is off unless set to
-1/true/yes/on: cutting and checksumming in Python costs more than it saves on the machines we
-measured (see benchmarks/engine_throughput.py).
+``NODEAGENT_TUN_TSO`` (the kernel hands TSO segments to us to cut up) defaults to on when the
+compiled accelerator (``nodeagent.accel``) cuts them and off on the pure-Python path, where
+cutting and checksumming costs more than it saves (see benchmarks/engine_throughput.py).
 """
 
 from __future__ import annotations

@@ -147,6 +147,26 @@ def wait_ping(ns: str, addr: str, timeout: float = 15.0) -> None:
 
 # --- wireguard-go (the reference implementation) ------------------------------------------------
 
+# Upstream wireguard-go (modern: TUN and UDP offloads) beside the repository, see shared/tools.
+MODERN_WIREGUARD_GO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "..", "shared", "tools", "wireguard-go")
+
+
+def wireguard_go_binaries() -> dict[str, str]:
+    """The wireguard-go binaries present: ``{"modern": path, "debian": path}``, either may be
+    missing (interop tests parametrize over these, the benchmark prefers "modern")."""
+    import shutil
+
+    found: dict[str, str] = {}
+    modern = os.path.normpath(MODERN_WIREGUARD_GO)
+    if os.path.isfile(modern) and os.access(modern, os.X_OK):
+        found["modern"] = modern
+    debian = shutil.which("wireguard-go")
+    if debian is not None:
+        found["debian"] = debian
+    return found
+
+
 @dataclass
 class WgGo:
     ns: str
@@ -168,8 +188,10 @@ def _b64(raw: bytes) -> str:
 @contextlib.contextmanager
 def wireguard_go(ns: str, name: str, tmpdir: str, *, peer_key: str, peer_endpoint: str,
                  peer_allowed: list[str], listen_port: int = WG_PORT,
-                 private_key: bytes | None = None) -> Iterator[WgGo]:
-    """wireguard-go as node ``name`` (tailnet addresses TS4/TS6[name]) with one peer."""
+                 private_key: bytes | None = None, binary: str = "wireguard-go"
+                 ) -> Iterator[WgGo]:
+    """wireguard-go as node ``name`` (tailnet addresses TS4/TS6[name]) with one peer;
+    ``binary`` is the executable (see ``wireguard_go_binaries``)."""
     import secrets
 
     from nacl.public import PrivateKey
@@ -178,7 +200,7 @@ def wireguard_go(ns: str, name: str, tmpdir: str, *, peer_key: str, peer_endpoin
 
     iface = "wgg" + secrets.token_hex(4)  # its UAPI socket path is global: the name must be unique
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
-    proc = popen_in_netns(ns, ["wireguard-go", iface], env=env, stdout=subprocess.DEVNULL,
+    proc = popen_in_netns(ns, [binary, iface], env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
     sock_path = f"/var/run/wireguard/{iface}.sock"
     try:
@@ -214,15 +236,17 @@ def wireguard_go(ns: str, name: str, tmpdir: str, *, peer_key: str, peer_endpoin
 
 
 @contextlib.contextmanager
-def agent_and_wireguard_go(rules_a: list[dict[str, Any]]) -> Iterator[tuple[Node, WgGo]]:
-    """nodeagent as node a in one namespace, wireguard-go as node b in the other."""
+def agent_and_wireguard_go(rules_a: list[dict[str, Any]], binary: str = "wireguard-go"
+                           ) -> Iterator[tuple[Node, WgGo]]:
+    """nodeagent as node a in one namespace, wireguard-go (``binary``) as node b in the other."""
     with two_namespaces() as (ns_a, ns_b):
         a = new_node("a", ns_a)
         a.rules = rules_a
         try:
             with wireguard_go(ns_b, "b", a.dir, peer_key=a.public_key,
                               peer_endpoint=f"{UNDERLAY['a']}:{WG_PORT}",
-                              peer_allowed=[f"{TS4['a']}/32", f"{TS6['a']}/128"]) as wg:
+                              peer_allowed=[f"{TS4['a']}/32", f"{TS6['a']}/128"],
+                              binary=binary) as wg:
                 peer = node_entry("b", wg.public_key)
                 start_agent(a, write_netmap(a, peer))
                 yield a, wg

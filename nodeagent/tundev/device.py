@@ -12,7 +12,8 @@ hands the packets over as one list; the write side writes each packet and counts
 the drops a full queue or a down link cause. With offloads (the default; ``offload=False`` or
 ``NODEAGENT_TUN_OFFLOAD=0`` turns them off) the device is opened with IFF_VNET_HDR and runs of
 TCP segments written in are joined into GSO writes (:mod:`nodeagent.tundev.vnet`). With ``tso``
-(``NODEAGENT_TUN_TSO=1``; off by default) TUNSETOFFLOAD(CSUM|TSO4|TSO6) also lets the kernel
+(``NODEAGENT_TUN_TSO=1``; by default on only with the compiled accelerator,
+:mod:`nodeagent.accel`, which also runs the read loop) TUNSETOFFLOAD(CSUM|TSO4|TSO6) lets the kernel
 hand over TCP segments of up to 64 KiB, which are cut into MTU-sized packets here. Callers see
 plain IP packets either way.
 """
@@ -26,6 +27,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from nodeagent.accel import ACCEL
 from nodeagent.errors import UserError
 from nodeagent.offloadenv import TUN_OFFLOAD_ENV, TUN_TSO_ENV, offload_enabled
 from nodeagent.tundev import netconf
@@ -52,6 +54,16 @@ READ_BATCH = 64  # reads per reader wakeup; the reader fires again if more are q
 # and a short read silently truncates. os.read shrinks the result in place, so this costs little.
 READ_SIZE = 65535 + VNET_HDR_LEN
 TMP_NAME_PATTERN = "natun%d"  # kernel fills %d; used before a move into another namespace
+
+
+def _coalesce(pkts: list[bytes]) -> list[bytes]:
+    """``vnet.coalesce``, compiled when the accelerator is in use (it declines non-bytes)."""
+    if ACCEL is not None:
+        out = ACCEL.coalesce(pkts)
+        if out is not None:
+            return out  # type: ignore[no-any-return]
+    return coalesce(pkts)
+
 
 PLAIN_START = b"\0\0"  # virtio_net_hdr flags and gso_type both zero
 _READ_FATAL = frozenset({errno.EBADF, errno.EBADFD, errno.ENODEV, errno.ENXIO})
@@ -156,7 +168,9 @@ class TunDevice:
         are the offloads of the module text. Raises :class:`TunError`.
         """
         vnet = offload_enabled(TUN_OFFLOAD_ENV) if offload is None else offload
-        want_tso = vnet and (offload_enabled(TUN_TSO_ENV, False) if tso is None else tso)
+        # TSO reads pay off only when the cutting runs compiled: on by default with ACCEL.
+        want_tso = vnet and (offload_enabled(TUN_TSO_ENV, ACCEL is not None) if tso is None
+                             else tso)
         validate_ifname(name)
         if not 68 <= mtu <= 65535:
             raise TunError(f"TUN {name!r}: MTU {mtu} outside 68..65535")
@@ -246,8 +260,20 @@ class TunDevice:
 
     def _readable(self) -> None:
         fd = self._fd
-        read = os.read
         batch: list[bytes] = []
+        if ACCEL is not None:
+            # The compiled loop: same reads, same splitting, one call per wakeup.
+            _n, tso, bad, err = ACCEL.tun_read(fd, READ_BATCH, self.vnet, batch)
+            self.tso_reads += tso
+            self.bad_reads += bad
+            if err:
+                self._read_failed(err)
+            if batch:
+                cb = self._on_packets
+                if cb is not None:
+                    cb(batch)
+            return
+        read = os.read
         try:
             if self.vnet:
                 for _ in range(READ_BATCH):
@@ -268,15 +294,18 @@ class TunDevice:
         except BlockingIOError:
             pass
         except OSError as e:
-            self.read_errors += 1
-            self.last_read_errno = e.errno or 0
-            if e.errno in _READ_FATAL:
-                # The link is gone; stop the reader instead of spinning on a dead fd.
-                self._remove_reader()
+            self._read_failed(e.errno or 0)
         if batch:
             cb = self._on_packets
             if cb is not None:
                 cb(batch)
+
+    def _read_failed(self, err: int) -> None:
+        self.read_errors += 1
+        self.last_read_errno = err
+        if err in _READ_FATAL:
+            # The link is gone; stop the reader instead of spinning on a dead fd.
+            self._remove_reader()
 
     def write_many(self, pkts: list[bytes]) -> None:
         """Write each packet to the host; failures are counted in ``write_errors`` (the last
@@ -287,7 +316,7 @@ class TunDevice:
             return
         write = os.write
         if self.vnet:
-            pkts = (coalesce(pkts) if self.coalescing and len(pkts) > 1
+            pkts = (_coalesce(pkts) if self.coalescing and len(pkts) > 1
                     else [PLAIN_HDR + p for p in pkts])
         for pkt in pkts:
             try:

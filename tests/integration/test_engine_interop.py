@@ -14,7 +14,15 @@ import pytest
 from tests.agentutil import localapi, metric
 from tests.dataplane import send_blob, sink_server
 from tests.netns import netns_available, tun_available
-from tests.wgnet import TS4, TS6, Node, agent_and_wireguard_go, run_in, wait_ping
+from tests.wgnet import (
+    TS4,
+    TS6,
+    Node,
+    agent_and_wireguard_go,
+    run_in,
+    wait_ping,
+    wireguard_go_binaries,
+)
 
 _missing = netns_available() or tun_available()
 for _tool in ("wireguard-go", "wg", "ping"):
@@ -23,6 +31,15 @@ for _tool in ("wireguard-go", "wg", "ping"):
 pytestmark = [pytest.mark.integration]
 if _missing:
     pytestmark.append(pytest.mark.skip(reason=_missing))
+
+WG_BINARIES = wireguard_go_binaries()  # upstream (../shared/tools) and Debian's, where present
+
+
+@pytest.fixture(params=sorted(WG_BINARIES) or ["debian"])
+def wg_binary(request: pytest.FixtureRequest) -> str:
+    """Each wireguard-go binary present: the modern upstream one and Debian's."""
+    return WG_BINARIES.get(request.param, "wireguard-go")
+
 
 ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
 
@@ -35,8 +52,8 @@ def handshakes_sent(a: Node) -> tuple[float, float]:
     return metric(text, name + '{type="initiation"}'), metric(text, name + '{type="response"}')
 
 
-def test_we_initiate_then_transfer() -> None:
-    with agent_and_wireguard_go(ALLOW_ALL) as (a, wg):
+def test_we_initiate_then_transfer(wg_binary: str) -> None:
+    with agent_and_wireguard_go(ALLOW_ALL, wg_binary) as (a, wg):
         wait_ping(a.ns, TS4["b"])  # our engine sends the first initiation
         initiations, responses = handshakes_sent(a)
         assert initiations >= 1 and responses == 0, (initiations, responses)
@@ -52,8 +69,8 @@ def test_we_initiate_then_transfer() -> None:
         assert rx >= len(blob) and tx > 0
 
 
-def test_they_initiate() -> None:
-    with agent_and_wireguard_go(ALLOW_ALL) as (a, wg):
+def test_they_initiate(wg_binary: str) -> None:
+    with agent_and_wireguard_go(ALLOW_ALL, wg_binary) as (a, wg):
         wait_ping(wg.ns, TS4["a"])  # wireguard-go sends the first initiation ...
         # ... proven by our side: it answered an initiation and never sent one
         initiations, responses = handshakes_sent(a)

@@ -40,6 +40,7 @@ from tests.netns import (
     run_in_netns,
     veth_pair,
 )
+from tests.wgnet import wireguard_go_binaries
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -138,8 +139,13 @@ def _answer_pings(rig: Rig) -> Callable[[bytes], None]:
     return on_packet
 
 
-@pytest.fixture
-def rig_factory() -> Iterator[Callable[..., Rig]]:
+WG_BINARIES = wireguard_go_binaries()  # upstream (../shared/tools) and Debian's, where present
+
+
+@pytest.fixture(params=sorted(WG_BINARIES) or ["debian"])
+def rig_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Rig]]:
+    """Rigs against each wireguard-go binary present (modern upstream and Debian's)."""
+    binary = WG_BINARIES.get(request.param, "wireguard-go")
     made: list[tuple[str, ...]] = []
     socks: list[socket.socket] = []
     procs: list[subprocess.Popen[Any]] = []
@@ -156,7 +162,7 @@ def rig_factory() -> Iterator[Callable[..., Rig]]:
         veth_pair(ns_ours, ns_theirs, f"{our_addr}/30", f"{their_addr}/30")
         iface = "wgi" + secrets.token_hex(4)  # UAPI socket paths are global: name must be unique
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
-        proc = popen_in_netns(ns_theirs, ["wireguard-go", iface], env=env,
+        proc = popen_in_netns(ns_theirs, [binary, iface], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(proc)
         sock_path = f"/var/run/wireguard/{iface}.sock"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from nodeagent.accel import ACCEL
 from nodeagent.engine.wireguard.cookie import CookieGenerator
 from nodeagent.engine.wireguard.crypto import AEAD
 from nodeagent.engine.wireguard.noise import InitiationState
@@ -27,13 +28,15 @@ class Keypair:
 
     __slots__ = (
         "send", "recv", "send_counter", "local_index", "remote_index", "created", "initiator",
-        "replay", "peer",
+        "replay", "peer", "fast",
     )
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
                  created: float, initiator: bool, peer: Peer, reject_after_messages: int) -> None:
         self.send = AEAD(send_key)  # built once per session: no per-packet key setup
         self.recv = AEAD(recv_key)
+        # The compiled session (both directions, keyed once) when the accelerator is in use.
+        self.fast = ACCEL.Session(send_key, recv_key) if ACCEL is not None else None
         self.send_counter = 0
         self.local_index = local_index
         self.remote_index = remote_index
