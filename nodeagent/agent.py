@@ -1,4 +1,5 @@
-"""Running the agent: build the LocalBackend, serve the LocalAPI, stop cleanly on a signal.
+"""Running the agent: build the LocalBackend, serve the LocalAPI, stop cleanly on a signal; follow
+the WantRunning pref (``tailscale down``/``up``: leave control and drop the peers, log in again).
 
 SIGHUP re-reads ``--netmap-file``; a file that does not load is refused with one error line and
 the running netmap stays.
@@ -46,6 +47,9 @@ class Agent:
         self.dataplane: Any = None
         self.paths: Any = None  # magicsock.layer.PathLayer, with the data plane
         self.control: Any = None
+        self._running_lock = asyncio.Lock()  # one down/up transition at a time
+        self._transitions: set[asyncio.Task[None]] = set()
+        self.backend.prefs_listeners.append(self._on_prefs_change)
 
     async def start(self) -> None:
         self.backend.start()
@@ -76,7 +80,11 @@ class Agent:
         loop = asyncio.get_running_loop()
         dp.start(loop)
         assert dp.engine is not None
-        transport.start(loop, dp.engine.deliver_from)
+        try:
+            transport.start(loop, dp.engine.deliver_from)
+        except OSError as e:
+            dp.close()
+            raise ConfigError(_port_error(e, self.opts.port)) from None
         self.paths.start(loop)
         self.backend.paths = self.paths
         self.backend.host.register_metrics(self.paths.metrics_samples)
@@ -86,12 +94,55 @@ class Agent:
     async def _start_control(self) -> None:
         from nodeagent.control.agent_link import ControlLink
 
+        url = self.opts.login_server or ""
+        if self.backend.prefs.ControlURL != url:  # Tailscale's ControlURL: the login server
+            self.backend.edit_prefs({"ControlURLSet": True, "ControlURL": url})
+        if not self.backend.prefs.WantRunning:  # left down (`tailscale down`): stay stopped
+            self.backend.set_backend_state("Stopped")
+            return
         port = self.dataplane.transport.port if self.dataplane is not None else 0
         self.control = ControlLink(self.backend, self.apply_netmap, port,
                                    self.opts.login_server or "", self.opts.auth_key)
         await self.control.start()
         if self.paths is not None:
             self.paths.set_on_endpoints(self.control.update_endpoints)
+
+    def _on_prefs_change(self, changed: list[str]) -> None:
+        """WantRunning changed (``tailscale down`` / ``up``): stop or resume the node."""
+        if "WantRunning" not in changed:
+            return
+        task = asyncio.get_running_loop().create_task(self._follow_want_running(),
+                                                      name="want-running")
+        self._transitions.add(task)
+        task.add_done_callback(self._transitions.discard)
+
+    async def _follow_want_running(self) -> None:
+        """Down: leave control (peers see the node go offline) and drop every peer from the
+        data plane. Up: log in to control again (the node key is already registered) or
+        re-apply the static netmap; the backend is Running again with the next netmap."""
+        from nodeagent.tailcfg import NetworkMap
+
+        async with self._running_lock:
+            want = self.backend.prefs.WantRunning
+            if not want and self.control is not None:
+                await self.control.stop()
+                self.control = None
+                self.backend.set_health("control", None)
+            if not want:
+                nm = self.backend.netmap
+                if self.dataplane is not None and nm is not None:
+                    self.dataplane.apply_netmap(NetworkMap(SelfNode=nm.SelfNode,
+                                                           DERPMap=nm.DERPMap))
+                return
+            if self.opts.login_server and self.control is None:
+                try:
+                    await self._start_control()
+                except Exception as e:  # one line in the log and the status' health
+                    log.error("control: %s", e)
+                    self.backend.set_health("control", f"cannot log in to control: {e}")
+                    self.backend.set_backend_state("NeedsLogin")
+            elif self.backend.netmap is not None:
+                self.apply_netmap(self.backend.netmap)
 
     def apply_netmap(self, nm: Any) -> None:
         """A netmap from control (or the static file): backend first, then the data plane.
@@ -102,6 +153,8 @@ class Agent:
         if dropped:
             log.warning("netmap: ignored %d invalid peer endpoint(s); first: %s", dropped, why)
         self.backend.set_netmap(nm)
+        if not self.backend.prefs.WantRunning:
+            return  # stopped: the data plane keeps no peers until the node is up again
         if self.dataplane is not None:
             self.dataplane.apply_netmap(nm)
         if self.paths is not None:
@@ -122,6 +175,8 @@ class Agent:
         return True
 
     async def stop(self) -> None:
+        for task in list(self._transitions):
+            task.cancel()
         if self.control is not None:
             await self.control.stop()
             self.control = None
@@ -135,6 +190,19 @@ class Agent:
         await self.localapi.stop()
         self.backend.shutdown()
         self.stopped.set()
+
+
+def _port_error(e: OSError, port: int) -> str:
+    """One line for a WireGuard UDP socket that cannot be bound."""
+    import errno
+
+    what = e.strerror or str(e)
+    if e.errno == errno.EADDRINUSE:
+        return (f"{what} (another agent or WireGuard on it?); choose another with --port or "
+                "NODEAGENT_PORT, 0 for any free port")
+    if e.errno == errno.EACCES and 0 < port < 1024:
+        return f"{what} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    return what
 
 
 def load_netmap_file(path: str) -> Any:

@@ -30,50 +30,22 @@ def register(reg: CLIRegistry) -> None:
     netcheck_cmd.register(reg)
     derp_cmd.register(reg)
     ping_cmd.register(reg)
+    from nodeagent.demo import cli as demo_cli
+
+    demo_cli.register(reg)
 
 
 def _up_setup(p: argparse.ArgumentParser) -> None:
-    from nodeagent.agent import DEFAULT_STATE_DIR
+    from nodeagent.cli.up_options import add_up_flags
 
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                   help=f"where the node's identity and prefs live (default {DEFAULT_STATE_DIR})")
-    p.add_argument("--hostname", default=None, help="this node's name in the tailnet")
-    p.add_argument("--tun", default=None, metavar="NAME",
-                   help="TUN device to create and drive (e.g. nodeagent0); none: no data plane")
-    p.add_argument("--port", type=int, default=41641,
-                   help="WireGuard UDP port (default 41641; 0 picks a free port)")
-    p.add_argument("--netmap-file", default=None, metavar="FILE",
-                   help="run from a static netmap (JSON, tailcfg shape) instead of control")
-    p.add_argument("--login-server", default=None, metavar="URL",
-                   help="coordination server URL (nodeagent control serve)")
-    p.add_argument("--auth-key", default=None, metavar="KEY",
-                   help="pre-auth key for the first login (or NODEAGENT_AUTH_KEY)")
+    add_up_flags(p)  # each flag with its NODEAGENT_* environment default
 
 
 def _up(args: argparse.Namespace, ctx: CLIContext) -> int:
-    import os
+    from nodeagent.agent import run, run_agent
+    from nodeagent.cli.up_options import up_options
 
-    from nodeagent.agent import AgentOptions, run, run_agent
-    from nodeagent.cli.registry import CLIError
-
-    if not 0 <= args.port <= 65535:
-        raise CLIError(f"--port {args.port}: must be 0..65535")
-    if (args.netmap_file or args.login_server) and not args.tun:
-        raise CLIError("--netmap-file and --login-server need --tun NAME (the data plane)")
-    if args.netmap_file and args.login_server:
-        raise CLIError("--netmap-file and --login-server are alternatives; give one")
-    if args.hostname:
-        from nodeagent.ipn.prefs import PrefsError, check_hostname
-
-        try:
-            check_hostname(args.hostname)
-        except PrefsError as e:
-            raise CLIError(f"--hostname {str(e).removeprefix('Hostname: ')}") from None
-    opts = AgentOptions(socket=ctx.socket, state_dir=args.state_dir, hostname=args.hostname,
-                        tun=args.tun, port=args.port, netmap_file=args.netmap_file,
-                        login_server=args.login_server,
-                        auth_key=args.auth_key or os.environ.get("NODEAGENT_AUTH_KEY"))
-    return int(run(run_agent(opts)))
+    return int(run(run_agent(up_options(args, ctx.socket))))
 
 
 def _status_setup(p: argparse.ArgumentParser) -> None:
@@ -128,12 +100,14 @@ def format_status(st: dict[str, Any]) -> str:
 
 def _features(args: argparse.Namespace, ctx: CLIContext) -> int:
     from nodeagent.ipnext.feature import discover
+    from nodeagent.ipnext.known import KNOWN_FEATURES, install_command
 
     feats = discover()
     for f in feats:
         print(f"{f.feature.name}\t{f.distribution} {f.version}\t{f.feature.description}")
     if not feats:
-        print("no features installed (pip install 'nodeagent[all]')", file=sys.stderr)
+        print(f"no features installed; all of them: {install_command(*KNOWN_FEATURES)}",
+              file=sys.stderr)
     return 0
 
 

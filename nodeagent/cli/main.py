@@ -7,8 +7,6 @@ reserved for bugs.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from typing import NoReturn
 
@@ -16,6 +14,7 @@ from nodeagent.cli import core_commands
 from nodeagent.cli.registry import CLIContext, CLIError, CLIRegistry, load_feature_commands
 from nodeagent.errors import UserError
 from nodeagent.localapi.server import SOCKET_ENV, default_socket_path
+from nodeagent.logconfig import configure_logging
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(reg: CLIRegistry) -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--socket", default=None,
+    # SUPPRESS: a sub-command's parser must not overwrite a --socket given before it.
+    common.add_argument("--socket", default=argparse.SUPPRESS,
                         help=f"LocalAPI socket (default ${SOCKET_ENV} or {default_socket_path()})")
     top = _Parser(prog="nodeagent", description="nodeagent: a hackable node agent for "
                   "WireGuard mesh networks.", parents=[common])
@@ -65,8 +65,7 @@ def _passthrough(reg: CLIRegistry, argv: list[str]) -> argparse.Namespace | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("NODEAGENT_LOG", "INFO"),
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging("NODEAGENT_LOG")
     reg = CLIRegistry()
     core_commands.register(reg)
     try:
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             p = getattr(args, "_parser", parser)
             p.print_help(sys.stderr)
             return 2
-        ctx = CLIContext(socket=args.socket or default_socket_path())
+        ctx = CLIContext(socket=getattr(args, "socket", None) or default_socket_path())
         return int(cmd.run(args, ctx) or 0)
     except UserError as e:
         print(f"nodeagent: {e}", file=sys.stderr)

@@ -75,13 +75,14 @@ def load_feature_commands(reg: CLIRegistry) -> list[str]:
             names.append(inst.feature.name)
     pm.hook.nodeagent_cli_commands(cli=reg)
     installed = {inst.feature.name for inst in discover()}
-    # Commands of known features that are not installed answer with the install command.
+    # Commands of known features that are not installed answer with the install command,
+    # whatever flags follow them (passthrough: argparse would reject the flags first).
     for f in KNOWN_FEATURES.values():
         for path in f.cli:
             if path not in reg.commands:
                 reg.add_command(path, help=f"(needs the {f.name} feature)",
                                 run=_missing(f.name, f.name in installed),
-                                setup=_swallow_args, needs_socket=False)
+                                setup=_swallow_args, needs_socket=False, passthrough=True)
     return names
 
 

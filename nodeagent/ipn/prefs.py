@@ -1,14 +1,22 @@
 """User preferences (Tailscale's ipn.Prefs names) and the masked-prefs PATCH of the LocalAPI.
 
 A PATCH body carries each field to change together with ``<Field>Set: true``; fields without
-their ``...Set`` are ignored. Values are type-checked (and ``Hostname`` must be a DNS label) so a
-bad request is refused with one line naming the field instead of corrupting persisted prefs.
-Fields in ``protected`` (``OperatorUser`` for a caller that is only the operator) may not change:
+their ``...Set`` are ignored (as Tailscale ignores them: its CLI sends the whole Prefs object).
+Values are type-checked (and ``Hostname`` must be a DNS label) so a bad request is refused with
+one line naming the field instead of corrupting persisted prefs. Fields in ``protected``
+(``OperatorUser`` for a caller that is only the operator) may not change:
 :class:`PrefsPermissionError`.
+
+Tailscale has prefs nodeagent does not implement (``RunWebClient``, ``AutoUpdate``, ...,
+:data:`TAILSCALE_ONLY`): they are rendered with the value that means "off", and a ``...Set``
+for one of them is accepted only with that value; a ``...Set`` naming a pref neither has is
+refused. :meth:`Prefs.to_json` renders Tailscale's field order and ``omitempty`` rules, with
+``Config`` (Tailscale's persist) built by :func:`persist_json` — its private keys always zero.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import reprlib
@@ -47,7 +55,16 @@ class Prefs:
     ConnRejectMaxEntries: int = 0
 
     def to_json(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """Tailscale's ipn.Prefs JSON (its field order; ``omitempty`` fields only when set),
+        then nodeagent's additions, then ``Config`` (see :func:`persist_json`)."""
+        mine = dataclasses.asdict(self)
+        d: dict[str, Any] = {}
+        for name in _TS_ORDER:
+            if name in _OMITEMPTY and not mine.get(name, TAILSCALE_ONLY.get(name)):
+                continue
+            d[name] = mine[name] if name in mine else copy.deepcopy(TAILSCALE_ONLY[name])
+        for name in _NODEAGENT_ONLY:
+            d[name] = mine[name]
         d["Config"] = config  # persisted login, never private keys
         return d
 
@@ -59,6 +76,73 @@ class Prefs:
 
 
 _FIELDS: dict[str, Any] = {f.name: f for f in dataclasses.fields(Prefs)}
+_NODEAGENT_ONLY = ("FastFailure", "ConnRejectMaxEntries")
+
+# Tailscale prefs nodeagent does not implement, with the value it reports (the one meaning "off").
+TAILSCALE_ONLY: dict[str, Any] = {
+    "AutoExitNode": "",
+    "InternalExitNodePrior": "",
+    "RunWebClient": False,
+    "NotepadURLs": False,
+    "Egg": False,
+    "AdvertiseServices": None,
+    "Sync": None,
+    "NoStatefulFiltering": None,
+    "AutoUpdate": {"Check": False, "Apply": None},
+    "AppConnector": {"Advertise": False},
+    "PostureChecking": False,
+    "NetfilterKind": "",
+    "LinuxPacketMarks": None,
+    "DriveShares": None,
+    "RelayServerPort": None,
+    "RelayServerStaticEndpoints": None,
+    "AllowSingleHosts": True,  # legacy: Tailscale always writes true
+}
+# Values of Tailscale-only prefs that mean the same as the reported one (opt.Bool false/unset,
+# empty lists): a ...Set with one of these is a no-op, not a request nodeagent cannot honour.
+_EQUIVALENT: dict[str, tuple[Any, ...]] = {
+    "AdvertiseServices": (None, []), "Sync": (None, True, "true", ""),
+    "NoStatefulFiltering": (None, False, "false", ""), "DriveShares": (None, []),
+    "RelayServerStaticEndpoints": (None, []),
+}
+# ipn.Prefs field order (v1.98), and the fields it omits when empty.
+_TS_ORDER = (
+    "ControlURL", "RouteAll", "ExitNodeID", "ExitNodeIP", "AutoExitNode",
+    "InternalExitNodePrior", "ExitNodeAllowLANAccess", "CorpDNS", "RunSSH", "RunWebClient",
+    "WantRunning", "LoggedOut", "ShieldsUp", "AdvertiseTags", "Hostname", "NotepadURLs",
+    "ForceDaemon", "Egg", "AdvertiseRoutes", "AdvertiseServices", "Sync", "NoSNAT",
+    "NoStatefulFiltering", "NetfilterMode", "OperatorUser", "ProfileName", "AutoUpdate",
+    "AppConnector", "PostureChecking", "NetfilterKind", "LinuxPacketMarks", "DriveShares",
+    "RelayServerPort", "RelayServerStaticEndpoints", "AllowSingleHosts",
+)
+_OMITEMPTY = frozenset({
+    "AutoExitNode", "ForceDaemon", "Egg", "NoStatefulFiltering", "OperatorUser", "ProfileName",
+    "LinuxPacketMarks", "RelayServerPort", "RelayServerStaticEndpoints",
+})
+# Zero keys as Tailscale renders them: its LocalAPI blanks the private keys, never omits them.
+ZERO_NODE_PRIVATE = "privkey:" + "00" * 32
+ZERO_NL_PRIVATE = "nlpriv:" + "00" * 64
+
+
+def persist_json(login: dict[str, Any]) -> dict[str, Any] | None:
+    """Tailscale's ``Config`` (types/persist.Persist) for the persisted login ``login``, or None
+    before the first login: the user profile and stable node ID; private keys always zero."""
+    if not login.get("NodeID") and not login.get("UserProfile"):
+        return None
+    up = login.get("UserProfile")
+    if not isinstance(up, dict):  # a hand-edited state file: show no profile, do not fail
+        up = {}
+    profile: dict[str, Any] = {"ID": up.get("ID", 0), "LoginName": up.get("LoginName", ""),
+                               "DisplayName": up.get("DisplayName", "")}
+    if up.get("ProfilePicURL"):
+        profile["ProfilePicURL"] = up["ProfilePicURL"]
+    return {
+        "PrivateNodeKey": ZERO_NODE_PRIVATE,
+        "OldPrivateNodeKey": ZERO_NODE_PRIVATE,
+        "UserProfile": profile,
+        "NetworkLockKey": ZERO_NL_PRIVATE,
+        "NodeID": login.get("NodeID", ""),
+    }
 
 
 class PrefsError(UserError, ValueError):
@@ -127,13 +211,16 @@ def apply_masked(prefs: Prefs, body: Any, *, strict: bool = True,
         raise PrefsError("body: want a JSON object of masked prefs")
     updates: dict[str, Any] = {}
     for key, val in body.items():
-        if not key.endswith("Set") or key[:-3] not in _FIELDS:
+        if not key.endswith("Set") or key in _FIELDS:
+            continue
+        name = key[:-3]
+        if name not in _FIELDS:
+            _check_tailscale_only(key, val, body)
             continue
         if not isinstance(val, bool):
             raise PrefsError(f"{key}: want true or false, got {short_repr(val)}")
         if not val:
             continue
-        name = key[:-3]
         if name not in body:
             if strict:
                 raise PrefsError(f"{key} is true but {name} is missing")
@@ -151,3 +238,51 @@ def apply_masked(prefs: Prefs, body: Any, *, strict: bool = True,
     for name in changed:
         setattr(prefs, name, updates[name])
     return changed
+
+
+def masked_from_full(body: Any) -> Any:
+    """A full Prefs object (``start``'s ``UpdatePrefs``, ``check-prefs``) as a masked-prefs body
+    that sets every pref nodeagent has and that the object names."""
+    if not isinstance(body, dict):
+        return body
+    return {**{k: v for k, v in body.items() if not k.endswith("Set")},
+            **{f"{k}Set": True for k in body if k in _FIELDS}}
+
+
+def _same(name: str, value: Any, reported: Any) -> bool:
+    return value == reported or value in _EQUIVALENT.get(name, ())
+
+
+def _check_tailscale_only(key: str, val: Any, body: dict[str, Any]) -> None:
+    """A ``...Set`` for a pref nodeagent does not have: refused unless it asks for the value
+    nodeagent reports (a no-op), so a requested change never silently vanishes."""
+    name = key[:-3]
+    if name not in TAILSCALE_ONLY:
+        raise PrefsError(f"{key}: unknown pref {name!r}")
+    reported = TAILSCALE_ONLY[name]
+    if name == "AutoUpdate":  # AutoUpdateSet is {"CheckSet": bool, "ApplySet": bool}
+        if not isinstance(val, dict):
+            raise PrefsError(f"{key}: want an object {{CheckSet, ApplySet}}, got {short_repr(val)}")
+        au = body.get("AutoUpdate") or {}
+        if not isinstance(au, dict):
+            raise PrefsError(f"AutoUpdate: want an object {{Check, Apply}}, got {short_repr(au)}")
+        for sub, field_name in (("CheckSet", "Check"), ("ApplySet", "Apply")):
+            flag = val.get(sub, False)
+            if not isinstance(flag, bool):
+                raise PrefsError(f"{key}.{sub}: want true or false, got {short_repr(flag)}")
+            v = au.get(field_name, reported[field_name])
+            if flag and v != reported[field_name] and not (field_name == "Apply" and v in
+                                                           (False, "false", "")):
+                raise PrefsError(f"AutoUpdate.{field_name}: not supported by nodeagent "
+                                 f"(only {reported[field_name]!r})")
+        return
+    if not isinstance(val, bool):
+        raise PrefsError(f"{key}: want true or false, got {short_repr(val)}")
+    if not val:
+        return
+    if name == "InternalExitNodePrior":
+        raise PrefsError(f"{key}: InternalExitNodePrior is internal; clients may not set it")
+    value = body.get(name, reported)
+    if not _same(name, value, reported):
+        raise PrefsError(f"{name}: not supported by nodeagent (only {short_repr(reported)}), "
+                         f"got {short_repr(value)}")

@@ -1,4 +1,6 @@
-"""Rendering of ``GET /localapi/v0/status`` in Tailscale's ipnstate.Status shape."""
+"""Rendering of ``GET /localapi/v0/status`` in Tailscale's ipnstate.Status shape: its field
+names and order, ``omitempty`` fields only when set, and the fields of features nodeagent does
+not have (PeerAPI, Taildrop, peer relays, cert domains) at their "none" values."""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def peer_status(backend: LocalBackend, n: Node, *, is_self: bool = False) -> dic
     if not is_self and (ps := _path_status(backend, n.Key)) is not None:
         stats = {**stats, **ps}
         in_magicsock = True
-    return {
+    out: dict[str, Any] = {
         "ID": n.StableID or (str(n.ID) if n.ID else ""),
         "PublicKey": n.Key,
         "HostName": n.HostName,
@@ -63,10 +65,12 @@ def peer_status(backend: LocalBackend, n: Node, *, is_self: bool = False) -> dic
         "UserID": n.User,
         "TailscaleIPs": n.tailscale_ips(),
         "AllowedIPs": list(n.AllowedIPs),
-        "PrimaryRoutes": list(n.PrimaryRoutes) or None,
+        "Tags": list(n.Tags),
+        "PrimaryRoutes": list(n.PrimaryRoutes),
         "Addrs": list(n.Endpoints) or None,
         "CurAddr": stats.get("CurAddr", ""),
         "Relay": relay_code(backend, n.HomeDERP),
+        "PeerRelay": "",
         "RxBytes": stats.get("RxBytes", 0),
         "TxBytes": stats.get("TxBytes", 0),
         "Created": rfc3339(n.Created),
@@ -74,16 +78,24 @@ def peer_status(backend: LocalBackend, n: Node, *, is_self: bool = False) -> dic
         "LastSeen": rfc3339(n.LastSeen),
         "LastHandshake": rfc3339(stats.get("LastHandshake")),
         "Online": bool(n.Online) if not is_self else backend.backend_state == "Running",
-        "Active": bool(stats.get("Active", False)),
         "ExitNode": False,
         "ExitNodeOption": any(r in ("0.0.0.0/0", "::/0") for r in n.AllowedIPs),
+        "Active": bool(stats.get("Active", False)),
+        "PeerAPIURL": None,  # no PeerAPI in nodeagent
+        "TaildropTarget": 0,  # TaildropTargetUnknown: no Taildrop
+        "NoFileSharingReason": "",
+        "CapMap": dict(n.CapMap),
         "InNetworkMap": True,
         "InMagicSock": in_magicsock or bool(stats),
         "InEngine": bool(stats),
-        "CapMap": dict(n.CapMap) if n.CapMap else None,
-        "KeyExpiry": rfc3339(n.KeyExpiry) if n.KeyExpiry else None,
         "Expired": n.Expired,
+        "KeyExpiry": rfc3339(n.KeyExpiry) if n.KeyExpiry else None,
     }
+    # Tailscale omits these when empty (``omitempty``).
+    return {k: v for k, v in out.items() if k not in _OMITEMPTY or v}
+
+
+_OMITEMPTY = frozenset({"AllowedIPs", "Tags", "PrimaryRoutes", "CapMap", "Expired", "KeyExpiry"})
 
 
 def build_status(backend: LocalBackend, *, peers: bool = True) -> dict[str, Any]:
@@ -93,7 +105,9 @@ def build_status(backend: LocalBackend, *, peers: bool = True) -> dict[str, Any]
     if nm is not None:
         for uid, up in nm.UserProfiles.items():
             users[str(uid)] = {"ID": up.ID, "LoginName": up.LoginName,
-                               "DisplayName": up.DisplayName, "ProfilePicURL": up.ProfilePicURL}
+                               "DisplayName": up.DisplayName}
+            if up.ProfilePicURL:  # omitted when empty, as Tailscale does
+                users[str(uid)]["ProfilePicURL"] = up.ProfilePicURL
     suffix = nm.Domain if nm is not None else ""
     peer_map: dict[str, Any] = {}
     if peers and nm is not None:
@@ -113,6 +127,7 @@ def build_status(backend: LocalBackend, *, peers: bool = True) -> dict[str, Any]
             {"Name": suffix, "MagicDNSSuffix": suffix, "MagicDNSEnabled": False}
             if nm is not None else None
         ),
+        "CertDomains": None,
         "Peer": peer_map,
         "User": users,
         "ClientVersion": None,

@@ -1,6 +1,7 @@
-"""The core's own LocalAPI endpoints: status, prefs, metrics, derpmap, debug-netcheck,
-debug-derp-region; and :func:`read_json_body`, the one way a LocalAPI handler (core or feature)
-reads a JSON request body.
+"""The core's own LocalAPI endpoints: status, prefs, metrics, serve-config, derpmap,
+debug-netcheck, debug-derp-region (and, registered from here, ping, whois and the IPN-bus group
+of :mod:`nodeagent.localapi.ipnbus`); and :func:`read_json_body`, the one way a LocalAPI
+handler (core or feature) reads a JSON request body.
 
 A body that is not JSON, is not UTF-8, holds a number with more than :data:`MAX_INT_DIGITS` digits
 or nests deeper than Python's recursion limit is refused with :class:`BodyError` (one line, 400);
@@ -17,13 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from nodeagent.ipn.prefs import PrefsError, PrefsPermissionError
+from nodeagent.ipn.prefs import PrefsError, PrefsPermissionError, persist_json
 from nodeagent.ipn.state import StateError
 from nodeagent.ipn.status import build_status
+from nodeagent.localapi.ipnbus import register_ipnbus_routes
 from nodeagent.localapi.metrics import render_metrics
 from nodeagent.localapi.peercred import is_privileged, peer_uid
 from nodeagent.localapi.ping import register_ping_route
 from nodeagent.localapi.routes import READ, WRITE, LocalAPIRoutes, json_error
+from nodeagent.localapi.whois import register_whois_route
 from nodeagent.tailcfg import derpmap_to_json, marshal_json
 
 if TYPE_CHECKING:
@@ -96,7 +99,7 @@ def register_core_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:
                 return json_error(400, f"prefs: {e}")
             except StateError as e:
                 return json_error(500, str(e))
-        return web.json_response(backend.prefs.to_json(_config(backend)))
+        return web.json_response(backend.prefs.to_json(persist_json(backend.state.login)))
 
     async def metrics(request: web.Request) -> web.StreamResponse:
         return web.Response(text=render_metrics(backend),
@@ -116,6 +119,8 @@ def register_core_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:
     register_netcheck_routes(backend, routes)
     register_derp_debug_routes(backend, routes)
     register_ping_route(backend, routes)
+    register_whois_route(backend, routes)
+    register_ipnbus_routes(backend, routes)
 
 
 # Every method reaches the derpmap handler, so that a non-GET gets Tailscale's 400 "want GET".
@@ -151,16 +156,6 @@ def register_netcheck_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> N
 
     routes.add("derpmap", derpmap, dict.fromkeys(_ANY_METHOD, READ))
     routes.add("debug-netcheck", debug_netcheck, {"GET": READ})
-
-
-def _config(backend: LocalBackend) -> dict | None:
-    login = backend.state.login
-    if not login:
-        return None
-    return {
-        "UserProfile": login.get("UserProfile", {}),
-        "NodeID": login.get("NodeID", ""),
-    }
 
 
 def register_derp_debug_routes(backend: LocalBackend, routes: LocalAPIRoutes) -> None:

@@ -84,7 +84,9 @@ def test_version_and_features() -> None:
 @pytest.mark.omitted("connreject")
 def test_debug_rejects_cli_names_install_command() -> None:
     r = run_cli("debug", "rejects")
-    assert r.returncode == 1 and "pip install 'nodeagent[connreject]'" in r.stderr
+    # The command depends on how the CLI's nodeagent was installed (tree, wheel or index).
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "install it with: pip install " in r.stderr and "connreject" in r.stderr
 
 
 def _peer(n: int) -> dict[str, object]:

@@ -12,14 +12,19 @@ import textwrap
 import pytest
 
 from nodeagent.agent import Agent
+from nodeagent.ipnext.known import KNOWN_FEATURES
 from tests.agentutil import localapi
 
 STATUS_KEYS = {"Version", "TUN", "BackendState", "HaveNodeKey", "AuthURL", "TailscaleIPs", "Self",
-               "Health", "MagicDNSSuffix", "CurrentTailnet", "Peer", "User", "ClientVersion"}
+               "Health", "MagicDNSSuffix", "CurrentTailnet", "CertDomains", "Peer", "User",
+               "ClientVersion"}
+# Tailscale's PeerStatus keys that are never omitted (AllowedIPs, CapMap, KeyExpiry, ... are
+# omitempty: tests/integration/test_localapi_tailscale_shapes.py checks the whole shape).
 PEER_KEYS = {"ID", "PublicKey", "HostName", "DNSName", "OS", "UserID", "TailscaleIPs",
-             "AllowedIPs", "Addrs", "CurAddr", "Relay", "RxBytes", "TxBytes", "Created",
+             "Addrs", "CurAddr", "Relay", "PeerRelay", "RxBytes", "TxBytes", "Created",
              "LastWrite", "LastSeen", "LastHandshake", "Online", "Active", "ExitNode",
-             "ExitNodeOption", "InNetworkMap", "InMagicSock", "InEngine", "CapMap", "KeyExpiry"}
+             "ExitNodeOption", "PeerAPIURL", "TaildropTarget", "NoFileSharingReason",
+             "InNetworkMap", "InMagicSock", "InEngine"}
 
 
 
@@ -70,7 +75,8 @@ async def test_errors_are_json(agent: Agent) -> None:
 async def test_debug_rejects_names_missing_feature(agent: Agent) -> None:
     code, e = await localapi(agent.opts.socket, "GET", "/localapi/v0/debug-rejects")
     assert code == 404 and e["feature"] == "connreject"
-    assert "pip install 'nodeagent[connreject]'" in e["error"]
+    install = KNOWN_FEATURES["connreject"].install  # the command fits this install
+    assert install.startswith("pip install ") and e["error"].endswith(install)
 
 
 CLIENT = textwrap.dedent("""

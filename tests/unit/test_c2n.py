@@ -7,6 +7,7 @@ import json
 import pytest
 
 from nodeagent.c2n import C2NRequest, C2NResponse, C2NRouter
+from nodeagent.ipnext.known import KNOWN_FEATURES
 
 
 @pytest.mark.asyncio
@@ -40,4 +41,6 @@ async def test_uninstalled_feature_route_names_feature() -> None:
     resp = await C2NRouter().dispatch(C2NRequest("GET", "/debug/rejects"))
     body = json.loads(resp.body)
     assert resp.status == 404 and body["feature"] == "connreject"
-    assert "pip install 'nodeagent[connreject]'" in body["error"]
+    install = KNOWN_FEATURES["connreject"].install  # the command fits this install
+    assert install.startswith("pip install ") and body["error"].endswith(install)
+    assert body["install"] == install

@@ -67,10 +67,15 @@ async def robots(request: web.Request) -> web.StreamResponse:
 class HomePage:
     """``/`` according to ``--home``."""
 
-    def __init__(self, home: str, hostname: str, derp_enabled: bool) -> None:
+    def __init__(self, home: str, hostname: str | Callable[[], str],
+                 derp_enabled: bool) -> None:
         self.home = home
-        self.hostname = hostname
+        self._hostname = hostname  # or a function: the listen port is known only once bound
         self.derp_enabled = derp_enabled
+
+    @property
+    def hostname(self) -> str:
+        return self._hostname if isinstance(self._hostname, str) else self._hostname()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.home == "blank":

@@ -104,7 +104,8 @@ def _udp_socket(family: int, host: str, port: int) -> socket.socket:
         if family == socket.AF_INET6:
             # Separate v4 and v6 sockets: IPv4 clients then arrive (and are answered) as IPv4.
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # No SO_REUSEADDR: on UDP it would let a second derper share the port silently (and
+        # Linux would hand each datagram to one of them); a busy port must fail like TCP's.
         s.bind((host, port))
         s.setblocking(False)
     except BaseException:
