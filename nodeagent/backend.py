@@ -22,12 +22,13 @@ from nodeagent.ipn.state import PersistedState, StateStore
 from nodeagent.ipnext.api import (
     C2NHandler,
     ConnRejectObservable,
+    ControlUnavailable,
     LocalAPIHandler,
     Sample,
 )
 from nodeagent.ipnext.feature import InstalledFeature
 from nodeagent.ipnext.host import ExtensionHost
-from nodeagent.keys import DISCO_PREFIX, MACHINE_PREFIX, NODE_PREFIX
+from nodeagent.keys import DISCO_PREFIX, MACHINE_PREFIX, NODE_PREFIX, parse_public
 from nodeagent.tailcfg import NetworkMap, Node, to_wire
 from nodeagent.version import CAPABILITY_VERSION
 
@@ -70,12 +71,18 @@ class LocalBackend:
         self.wrapper: Any = None
         self.engine: Any = None
         self.paths: Any = None  # magicsock's PathLayer (pings, home region), with the data plane
+        self.control_link: Any = None  # the ControlLink while logged in to control
         self.c2n = C2NRouter()
         self.extensions = ExtensionHost(features, strict=strict_hooks)
         self.host = BackendHost(self)
         self._health: dict[str, str] = {}
         self._started = False
         self._self_wire: Any = None
+        # Called with the new state on every backend-state change (the LocalAPI's IPN bus).
+        self.state_listeners: list[Callable[[str], None]] = []
+        # Called with the changed pref names after an edit is persisted (the agent, to bring
+        # the node down or up on WantRunning).
+        self.prefs_listeners: list[Callable[[list[str]], None]] = []
 
     # --- identity -------------------------------------------------------------------------
     @property
@@ -134,14 +141,42 @@ class LocalBackend:
         if not new_self.Key:
             new_self.Key = self.node_public_key
         wire = to_wire(new_self)
-        self.backend_state = RUNNING
+        self.set_backend_state(RUNNING if self.prefs.WantRunning else STOPPED)
+        self._remember_login(nm)
         if wire != self._self_wire:
             self._self_wire = wire
             self.self_node = new_self
             self.extensions.fire("nodeagent_self_change", host=self.host, node=new_self)
 
     def set_backend_state(self, state: str) -> None:
-        self.backend_state = state
+        """Set the state; the state listeners hear of a change."""
+        if state != self.backend_state:
+            self.backend_state = state
+            self.notify_state()
+
+    def notify_state(self) -> None:
+        """Tell the state listeners the current state (also when it did not change)."""
+        for listener in list(self.state_listeners):
+            listener(self.backend_state)
+
+    def _remember_login(self, nm: NetworkMap) -> None:
+        """Persist who this node is logged in as (Tailscale's persist: user profile and stable
+        node ID, for ``Config`` in the prefs) when the netmap says something new."""
+        me = nm.SelfNode
+        up = nm.UserProfiles.get(me.User)
+        summary: dict[str, Any] = {"NodeID": me.StableID or (str(me.ID) if me.ID else "")}
+        if up is not None:
+            summary["UserProfile"] = {"ID": up.ID, "LoginName": up.LoginName,
+                                      "DisplayName": up.DisplayName,
+                                      "ProfilePicURL": up.ProfilePicURL}
+        login = self.state.login
+        if all(login.get(k) == v for k, v in summary.items()):
+            return
+        login.update(summary)
+        try:
+            self.store.save(self.state)
+        except Exception as e:  # the login stays in memory; the next netmap tries again
+            log.warning("cannot persist the login summary: %s", e)
 
     # --- data plane attachment ------------------------------------------------------------
     def set_tundev(self, wrapper: Any) -> None:
@@ -190,6 +225,11 @@ class LocalBackend:
         return self.prefs
 
     def _apply_prefs(self, changed: list[str]) -> None:
+        if "WantRunning" in changed:
+            if not self.prefs.WantRunning:
+                self.set_backend_state(STOPPED)
+            else:
+                self.set_backend_state(STARTING if self.netmap is not None else NEEDS_LOGIN)
         if "ShieldsUp" in changed and self.wrapper is not None:
             setter = getattr(self.wrapper, "set_shields_up", None)
             if setter is not None:
@@ -200,6 +240,8 @@ class LocalBackend:
                 setter(self.prefs.FastFailure)
         self.extensions.fire("nodeagent_prefs_change", host=self.host,
                              prefs=copy.deepcopy(self.prefs), changed=changed)
+        for listener in list(self.prefs_listeners):
+            listener(changed)
 
     # --- health ---------------------------------------------------------------------------
     def set_health(self, key: str, problem: str | None) -> None:
@@ -269,6 +311,39 @@ class BackendHost:
 
     def register_metrics(self, collect: Callable[[], Iterable[Sample]]) -> None:
         self.metric_collectors.append(collect)
+
+    async def explain_flow(self, src: str, dst: str, port: int, proto: int,
+                           timeout: float = 5.0) -> dict[str, Any]:
+        link = self._b.control_link
+        if link is None:
+            raise ControlUnavailable("this node is not logged in to a control server")
+        return await link.explain(src, dst, port, proto, timeout)  # type: ignore[no-any-return]
+
+    def peer_path_status(self, peer_ip: str) -> dict[str, Any] | None:
+        b = self._b
+        nm = b.netmap
+        peer = next((p for p in (nm.Peers if nm is not None else [])
+                     if peer_ip in p.tailscale_ips()), None)
+        if peer is None:
+            return None
+        stats = b.peer_stats(peer.Key)
+        out: dict[str, Any] = {
+            "Name": peer.HostName or peer.Name, "Online": peer.Online,
+            "HasDiscoKey": bool(peer.DiscoKey), "HomeDERP": peer.HomeDERP,
+            "SelfHomeDERP": b.self_node.HomeDERP, "InEngine": bool(stats),
+            "LastHandshake": float(stats.get("LastHandshake") or 0.0),
+            "CurAddr": str(stats.get("CurAddr") or ""), "Active": bool(stats.get("Active")),
+        }
+        paths = b.paths
+        if paths is not None:
+            try:
+                ms = paths.peer_status(parse_public(peer.Key, NODE_PREFIX))
+            except ValueError:
+                ms = None
+            if ms:
+                out["CurAddr"] = ms.get("CurAddr") or out["CurAddr"]
+                out["Active"] = bool(ms.get("Active")) or out["Active"]
+        return out
 
 
 class _Accepting:

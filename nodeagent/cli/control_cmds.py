@@ -45,6 +45,9 @@ def register(reg: CLIRegistry) -> None:
                     setup=_conn_setup, run=_policy_get, needs_socket=False)
     reg.add_command(("control", "c2n"), help="send a c2n request to a node; print status, body",
                     setup=_c2n_setup, run=_c2n, needs_socket=False)
+    reg.add_command(("control", "explain"),
+                    help="why the policy allows or denies a flow: SRC DST:PORT[/proto]",
+                    setup=_explain_setup, run=_explain, needs_socket=False)
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -234,12 +237,14 @@ def _policy_set(args: argparse.Namespace, ctx: CLIContext) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise CLIError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
     try:
-        _call(args, "set_policy", text)
+        warnings = _call(args, "set_policy", text)
     except CLIError as e:
         msg = str(e)
         if re.match(r"\d+:\d+: ", msg):
             raise CLIError(f"{args.file}:{msg} (policy unchanged)") from None
         raise
+    for w in warnings or []:
+        print(f"nodeagent: warning: {args.file}:{w}", file=sys.stderr)
     print(f"policy from {args.file} installed")
     return 0
 
@@ -265,3 +270,27 @@ def _c2n(args: argparse.Namespace, ctx: CLIContext) -> int:
     text = body.decode(errors="replace")
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
     return 0 if 200 <= status < 300 else 1
+
+
+def _explain_setup(p: argparse.ArgumentParser) -> None:
+    _conn_setup(p)
+    p.add_argument("src", help="source: node name, IP or tag")
+    p.add_argument("dst", help="DST:PORT[/proto], e.g. beta:22 or beta:53/udp or beta/icmp")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _explain(args: argparse.Namespace, ctx: CLIContext) -> int:
+    from nodeagent.control.explain import ExplainError, parse_target
+
+    try:
+        host, port, proto = parse_target(args.dst)
+    except ExplainError as e:
+        raise CLIError(str(e)) from None
+    out = _call(args, "explain", args.src, host, port, proto)
+    if args.json:
+        out.pop("Text", None)
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        print(out.get("Text") or out.get("Summary", ""))
+    return 0 if out.get("Allowed") else 1

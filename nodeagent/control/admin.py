@@ -79,8 +79,16 @@ class AdminClient:
     def get_policy(self) -> str:
         return self.request("GET", "/admin/policy")
 
-    def set_policy(self, text: str) -> None:
-        self.request("PUT", "/admin/policy", text.encode(), content_type="text/plain")
+    def set_policy(self, text: str) -> list[str]:
+        """Install a policy; returns its warnings (``line:column: what``)."""
+        out = self.request("PUT", "/admin/policy", text.encode(), content_type="text/plain")
+        return [str(w) for w in out.get("warnings", [])] if isinstance(out, dict) else []
+
+    def explain(self, src: str, dst: str, port: int, proto: int) -> dict[str, Any]:
+        """Why the policy allows or denies SRC → DST:PORT/PROTO (``nodeagent.control.explain``
+        JSON plus ``Text``, the explanation for a person)."""
+        q = urllib.parse.urlencode({"src": src, "dst": dst, "port": port, "proto": proto})
+        return self.request("GET", "/admin/explain?" + q)
 
     def c2n(self, node: str, method: str, path: str, body: bytes = b"",
             timeout: float | None = None) -> tuple[int, dict[str, str], bytes]:

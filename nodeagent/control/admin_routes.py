@@ -9,9 +9,12 @@ methods of ``ControlServer``. Endpoints::
     GET    /admin/authkeys              → [key, ...]   (secrets are never shown again)
     POST   /admin/authkeys  {"user", "reusable", "ephemeral", "tags", "expiry"} → {"key", ...}
     GET    /admin/policy                → policy text
-    PUT    /admin/policy    (text)      → {"ok": true} | 400 {"error": "line:col: ..."}
+    PUT    /admin/policy    (text)      → {"ok": true, "warnings": ["line:col: ..."]}
+                                          | 400 {"error": "line:col: ..."}
     POST   /admin/c2n  {"node", "method", "path", "body_b64", "timeout"}
                                         → {"status", "headers", "body_b64"}
+    GET    /admin/explain?src=S&dst=D&port=N&proto=P
+                                        → explanation (``nodeagent.control.explain``), + "Text"
 
 Errors are ``{"error": "<one line>"}`` with a fitting status.
 """
@@ -106,8 +109,7 @@ def add_routes(app: web.Application, srv: ControlServer) -> None:
             text = raw.decode()
         except UnicodeDecodeError:
             raise AdminError(400, "policy is not UTF-8 text") from None
-        srv.set_policy(text)
-        return {"ok": True}
+        return {"ok": True, "warnings": srv.set_policy(text)}
 
     async def c2n(req: web.Request) -> Any:
         b = await body_json(req)
@@ -125,6 +127,21 @@ def add_routes(app: web.Application, srv: ControlServer) -> None:
         return {"status": status, "headers": headers,
                 "body_b64": base64.b64encode(out).decode()}
 
+    async def explain(req: web.Request) -> Any:
+        from nodeagent.control import explain as ex
+
+        q = req.query
+        port = q.get("port", "0")
+        if not (port.isdecimal() and port.isascii()):
+            raise AdminError(400, f"port {port!r} is not a number")
+        try:
+            e = ex.explain(srv.policy, srv.policy_nodes(), q.get("src", ""), q.get("dst", ""),
+                           int(port), ex.parse_proto(q.get("proto", "tcp")),
+                           file=srv.policy_source())
+        except ex.ExplainError as err:
+            raise AdminError(400, str(err)) from None
+        return {**e.to_json(), "Text": e.text()}
+
     app.router.add_get("/admin/nodes", guarded(nodes))
     app.router.add_delete("/admin/nodes/{node}", guarded(delete))
     app.router.add_post("/admin/nodes/{node}/expire", guarded(expire))
@@ -133,3 +150,4 @@ def add_routes(app: web.Application, srv: ControlServer) -> None:
     app.router.add_get("/admin/policy", guarded(get_policy))
     app.router.add_put("/admin/policy", guarded(put_policy))
     app.router.add_post("/admin/c2n", guarded(c2n))
+    app.router.add_get("/admin/explain", guarded(explain))

@@ -8,8 +8,10 @@ Owns the semantics behind the admin API; ``ControlServer`` mixes this class in, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
+import logging
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -18,11 +20,12 @@ from nodeagent.control import proto
 from nodeagent.control.store import AuthKeyRecord, NodeRecord
 
 if TYPE_CHECKING:
-    from nodeagent.control.policy import Policy
+    from nodeagent.control.policy import Policy, PolicyNode
     from nodeagent.control.server import ServerConfig, _Session
     from nodeagent.control.store import Store
 
 AUTHKEY_PREFIX = "nakey-"
+log = logging.getLogger("nodeagent.control.server")
 
 
 class AdminError(Exception):
@@ -122,6 +125,38 @@ class AdminOps:
             raise AdminError(502, f"node {rec.name}: the stream broke while sending") from None
         finally:
             sess.pending.pop(cid, None)
+
+    def policy_nodes(self) -> list[PolicyNode]:
+        """Every node as the policy compiler sees it (for explanations)."""
+        from nodeagent.control.mapper import policy_node
+
+        return [policy_node(r) for r in self.store.list_nodes()]
+
+    def policy_source(self) -> str:
+        """How line references name the running policy: its file, or ``policy``."""
+        return str(self.cfg.policy_path) if self.cfg.policy_path is not None else "policy"
+
+    def explain_for_node(self, node_id: int, m: dict[str, Any]) -> dict[str, Any]:
+        """Answer a node's ``explain`` request (``Result`` or ``Error`` fields): refused
+        unless the node is the flow's source or destination."""
+        from nodeagent.control.explain import answer_node_request
+
+        return answer_node_request(self.policy, self.policy_nodes(), node_id, m["Src"],
+                                   m["Dst"], m["Port"], m["Proto"], file=self.policy_source())
+
+    async def answer_explain(self, sess: _Session, m: dict[str, Any]) -> None:
+        """Reply to a node's ``explain`` request on its stream; a broken explanation is an
+        ``Error`` reply, never the end of the stream."""
+        try:
+            reply = self.explain_for_node(sess.node_id, m)
+        except Exception as e:  # a bug here must not cut the node off control
+            log.exception("node %d: explain failed", sess.node_id)
+            reply = {"Error": f"control could not explain this flow: {type(e).__name__}"}
+        if "Error" in reply:
+            log.info("node %d: explain %s -> %s:%s refused: %s", sess.node_id, m["Src"],
+                     m["Dst"], m["Port"], reply["Error"])
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await sess.send(proto.msg("explain-result", ID=m["ID"], **reply))
 
     def node_json(self, rec: NodeRecord) -> dict[str, Any]:
         return {"ID": rec.id, "Name": rec.name, "HostName": rec.hostname, "User": rec.user,

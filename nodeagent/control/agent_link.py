@@ -17,7 +17,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nodeagent.control.client import (
     ControlClient,
@@ -27,6 +27,7 @@ from nodeagent.control.client import (
 )
 from nodeagent.control.validate import hostname_label
 from nodeagent.errors import ConfigError
+from nodeagent.ipnext.api import ControlUnavailable
 from nodeagent.magicsock.localaddrs import local_endpoints
 from nodeagent.tailcfg import MAX_ENDPOINTS
 
@@ -64,6 +65,7 @@ class ControlLink:
             raise ControlLoginError(str(e)) from None
         backend.store.save(st)
         self.task = asyncio.create_task(self._run(), name="control-stream")
+        backend.control_link = self
 
     async def _run(self) -> None:
         assert self.client is not None
@@ -93,7 +95,20 @@ class ControlLink:
             self.client.update_endpoints(endpoints[:MAX_ENDPOINTS])
             self.client.set_home_derp(home_derp)
 
+    async def explain(self, src: str, dst: str, port: int, proto: int,
+                      timeout: float = 5.0) -> dict[str, Any]:
+        """Control's explanation of a flow this node took part in; ``ControlUnavailable``
+        (one line) when control cannot be asked or refuses."""
+        if self.client is None:
+            raise ControlUnavailable("not logged in to control")
+        try:
+            return await self.client.explain(src, dst, port, proto, timeout)
+        except ControlError as e:
+            raise ControlUnavailable(str(e)) from None
+
     async def stop(self) -> None:
+        if self.backend.control_link is self:
+            self.backend.control_link = None
         if self.client is not None:
             await self.client.close()
         if self.task is not None:

@@ -82,6 +82,9 @@ class ControlClient:
         self._http: aiohttp.ClientSession | None = None
         self.netmap: NetworkMap | None = None
         self.connected = False
+        self._send: Callable[[dict[str, Any]], Awaitable[None]] | None = None  # while streaming
+        self._explains: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._explain_ids = 0
 
     # --- public API ----------------------------------------------------------------------------
     def update_endpoints(self, endpoints: list[str]) -> None:
@@ -94,6 +97,35 @@ class ControlClient:
         if region != self._home_derp:
             self._home_derp = region
             self._dirty.set()
+
+    async def explain(self, src: str, dst: str, port: int, ip_proto: int,
+                      timeout: float = 5.0) -> dict[str, Any]:
+        """Ask control why its policy allows or denies a flow this node took part in (``src``
+        and ``dst`` are IPs); the ``nodeagent.control.explain`` JSON. :class:`ControlError`
+        (one line) when not connected, on timeout, or when control refuses."""
+        send = self._send
+        if send is None or not self.connected:
+            raise ControlError("not connected to control")
+        self._explain_ids += 1
+        rid = self._explain_ids
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._explains[rid] = fut
+        try:
+            await send(proto.msg("explain", ID=rid, Src=src, Dst=dst, Port=int(port),
+                                 Proto=int(ip_proto)))
+            reply = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ControlError(f"control did not answer within {timeout:g}s") from None
+        except (ConnectionError, RuntimeError):
+            raise ControlError("the control stream broke while asking") from None
+        finally:
+            self._explains.pop(rid, None)
+        if reply.get("Error") is not None:
+            raise ControlError(f"control refused: {reply['Error']}")
+        result = reply.get("Result")
+        if not isinstance(result, dict):
+            raise ControlError("control sent an explanation without a result")
+        return result
 
     async def close(self) -> None:
         self._closed.set()
@@ -241,6 +273,7 @@ class ControlClient:
                     await ws.send_bytes(chan.seal(m))
 
             keepalive = 60.0
+            self._send = send
             loop = asyncio.get_running_loop()
             sender = loop.create_task(self._sender(send, keepalive))
             tasks: set[asyncio.Task[None]] = set()
@@ -281,10 +314,18 @@ class ControlClient:
                             self._c2n(m, c2n_handler, send))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
+                    elif t == "explain-result":
+                        fut = self._explains.get(m["ID"])
+                        if fut is not None and not fut.done():
+                            fut.set_result(m)
                     elif t == "error":
                         cls = ControlFatalError if m["Fatal"] else ControlError
                         raise cls(f"control server: {m['Error']}")
             finally:
+                self._send = None
+                for fut in self._explains.values():
+                    if not fut.done():
+                        fut.set_exception(ConnectionError("control stream closed"))
                 closer.cancel()
                 sender.cancel()
                 for task in tasks:

@@ -17,23 +17,27 @@ Owns the policy file's meaning. Accepted shape (a subset of Tailscale's policy f
 Selectors (``src`` and the part of ``dst`` before the last ``:``): ``*``, ``tag:x`` (must be
 declared in ``tagOwners``), ``group:x``, ``autogroup:member`` (untagged nodes),
 ``autogroup:tagged``, a ``hosts`` alias, an IP or CIDR (IPv6 may be bracketed: ``[fd7a::1]:22``),
-or a name matching a node's user, name or hostname. Names need not exist yet: nodes join later.
+or a name matching a node's user, name or hostname. Names need not exist yet: nodes join later;
+but a name no node can have (not a DNS label, no ``@``) must be declared in ``hosts``.
 Ports: ``*``, ``22``, ``1000-2000`` or a comma list of those. ``proto`` is a name or IANA number.
 
 Compilation per node yields Tailscale's ``FilterRule`` JSON (only rules whose destination includes
 that node, with destinations narrowed to that node's own addresses) and its ``CapMap``. Every error
-carries the ``line:column`` of the offending value.
+carries the ``line:column`` of the offending value. ``Policy.warnings`` lists what is accepted but
+probably a mistake (``line:column: what``): a node attribute nodeagent does not know (a typo).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.control import hujson
-from nodeagent.tailcfg import DERPMap, WireError, derpmap_from_wire
+from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT, DERPMap, WireError, derpmap_from_wire
 
 DEFAULT_POLICY_TEXT = """// Default policy: every node may reach every other node on every port.
 {
@@ -47,6 +51,9 @@ _ATTR_KEYS = ("target", "attr")
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58, "sctp": 132,
            "igmp": 2, "gre": 47, "esp": 50, "ah": 51}
 _AUTOGROUPS = ("autogroup:member", "autogroup:tagged")
+# Node attributes something in nodeagent acts on; others are passed on with a warning.
+KNOWN_NODE_ATTRS = (NODE_ATTR_CONN_REJECT,)
+_NODE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -72,6 +79,8 @@ class ACL:
     src: tuple[str, ...]
     dst: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
     protos: tuple[int, ...]
+    line: int = field(default=0, compare=False)  # where the entry starts in the policy text
+    column: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -84,6 +93,7 @@ class Policy:
     node_attrs: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
     derp_map: DERPMap | None = None
     derp_map_wire: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)  # "line:column: what", accepted anyway
 
     def compile(self, nodes: Iterable[PolicyNode]) -> dict[int, tuple[list[dict[str, Any]],
                                                                       dict[str, list[Any]]]]:
@@ -167,7 +177,15 @@ def _build(doc: hujson.Document) -> Policy:
         targets = _strs(doc, (*p, "target"), a["target"], "target")
         for j, t in enumerate(targets):
             _check_selector(doc, pol, (*p, "target", j), t)
-        pol.node_attrs.append((tuple(targets), tuple(_strs(doc, (*p, "attr"), a["attr"], "attr"))))
+        names = _strs(doc, (*p, "attr"), a["attr"], "attr")
+        for j, name in enumerate(names):
+            if name not in KNOWN_NODE_ATTRS:
+                line, col = doc.where((*p, "attr", j))
+                close = difflib.get_close_matches(name, KNOWN_NODE_ATTRS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                pol.warnings.append(f"{line}:{col}: nodeAttrs: unknown attribute {name!r} "
+                                    f"({hint}nodes get it, but nodeagent does not use it)")
+        pol.node_attrs.append((tuple(targets), tuple(names)))
     if "derpMap" in top:
         dm = _obj(doc, ("derpMap",), top["derpMap"], "derpMap")
         try:
@@ -198,7 +216,8 @@ def _acl(doc: hujson.Document, pol: Policy, p: hujson.Path, raw: Any) -> ACL:
         if not {6, 17, 132} & set(protos) and any(r != ((0, 65535),) for _, r in dst):
             raise doc.error((*p, "proto"), "acl: ports can only be given for tcp, udp or sctp; "
                                            "use \"*\" as the port")
-    return ACL(tuple(src), tuple(dst), protos)
+    line, col = doc.where(p)
+    return ACL(tuple(src), tuple(dst), protos, line, col)
 
 
 def _proto(doc: hujson.Document, p: hujson.Path, v: Any) -> int:
@@ -224,6 +243,17 @@ def _check_selector(doc: hujson.Document, pol: Policy, p: hujson.Path, s: str) -
         raise doc.error(p, f"unsupported {s!r} (supported: {', '.join(_AUTOGROUPS)})")
     elif any(c in s for c in " ,:/") and _net(s) is None:
         raise doc.error(p, f"bad selector {s!r}: not an IP, CIDR, tag, group or name")
+    elif "@" not in s and _net(s) is None and not _NODE_NAME.fullmatch(s):
+        hosts = difflib.get_close_matches(s, list(pol.hosts), n=1)
+        hint = f"; did you mean {hosts[0]!r}?" if hosts else ""
+        raise doc.error(p, f"host {s!r} is not declared in hosts (and is no node name or "
+                           f"user){hint}")
+    elif "@" not in s and _net(s) is None:
+        hosts = difflib.get_close_matches(s, list(pol.hosts), n=1, cutoff=0.75)
+        if hosts:  # a node name, but more likely a host alias mistyped
+            line, col = doc.where(p)
+            pol.warnings.append(f"{line}:{col}: {s!r} is not declared in hosts (did you mean "
+                                f"{hosts[0]!r}?); it matches only a node named {s!r}")
 
 
 def _dst(doc: hujson.Document, pol: Policy, p: hujson.Path,

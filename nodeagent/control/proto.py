@@ -109,14 +109,17 @@ _SCHEMAS: dict[str, dict[str, str]] = {
             "Endpoints": _STRS, "HomeDERP": "int", "DiscoKey": "bytes?"},
     "update": {"Endpoints": _STRS + _OPT, "HomeDERP": "int?"},
     "c2n-response": {"ID": "int", "Status": "int", "Headers": "dict", "Body": "bytes"},
+    "explain": {"ID": "int", "Src": "str", "Dst": "str", "Port": "int", "Proto": "int"},
+    "explain-result": {"ID": "int", "Result": "dict?", "Error": "str?"},
     "netmap": {"NetMap": "dict", "KeepAlive": "float"},
     "delta": {"PeersChanged": "list", "PeersRemoved": "list[int]"},
     "keepalive": {},
     "c2n": {"ID": "int", "Method": "str", "Path": "str", "Headers": "dict", "Body": "bytes"},
     "error": {"Error": "str", "Fatal": "bool"},
 }
-CLIENT_TYPES = frozenset(("register", "map", "update", "c2n-response", "keepalive"))
-SERVER_TYPES = frozenset(("register-ok", "netmap", "delta", "keepalive", "c2n", "error"))
+CLIENT_TYPES = frozenset(("register", "map", "update", "c2n-response", "keepalive", "explain"))
+SERVER_TYPES = frozenset(("register-ok", "netmap", "delta", "keepalive", "c2n", "error",
+                          "explain-result"))
 
 
 def _type_ok(v: Any, spec: str) -> bool:

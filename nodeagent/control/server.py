@@ -125,9 +125,12 @@ class ControlServer(AdminOps):
         except OSError as e:
             raise PolicyError(f"cannot read policy file {path}: {e.strerror}") from None
         try:
-            return parse_policy(text)
+            pol = parse_policy(text)
         except PolicyError as e:
             raise PolicyError(f"{path}:{e}") from None
+        for w in pol.warnings:
+            log.warning("policy %s:%s", path, w)
+        return pol
 
     def reload_policy(self) -> None:
         """Re-read the ``--policy`` file; a bad file raises and the running policy stays."""
@@ -136,11 +139,13 @@ class ControlServer(AdminOps):
         self.policy = self._read_policy_file()
         self.changed()
 
-    def set_policy(self, text: str) -> None:
+    def set_policy(self, text: str) -> list[str]:
+        """Install ``text``; its warnings (``line:column: what``) are returned."""
         pol = parse_policy(text)  # raises PolicyError; nothing changes then
         self.store.set_setting("policy", text)
         self.policy = pol
         self.changed()
+        return pol.warnings
 
     # --- lifecycle -----------------------------------------------------------------------------
     def _make_app(self) -> web.Application:
@@ -437,6 +442,9 @@ class ControlServer(AdminOps):
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         await sess.send(proto.msg("error", Error=str(e), Fatal=True))
                     return
+                if m["Type"] == "explain":
+                    await self.answer_explain(sess, m)
+                    continue
                 self._on_client_message(sess, m)
         except TimeoutError:
             log.info("node %d: stream silent for too long", sess.node_id)

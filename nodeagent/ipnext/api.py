@@ -32,6 +32,10 @@ READ = "read"
 WRITE = "write"
 
 
+class ControlUnavailable(Exception):
+    """Control could not be asked or refused to answer; the message is one line."""
+
+
 class ConnRejectObservable(Protocol):
     """A data-plane object that reports rejected connections (the TUN Wrapper, the engine)."""
 
@@ -79,7 +83,9 @@ class Host(Protocol):
                            methods: Mapping[str, str] | None = None) -> None:
         """Serve ``/localapi/v0/<name>``; ``methods`` maps HTTP methods to ``READ``/``WRITE``
         (default ``{"GET": READ}``). Only inside ``nodeagent_localapi_routes``. A handler
-        taking a JSON body reads it with ``nodeagent.localapi.handlers.read_json_body``."""
+        taking a JSON body reads it with ``nodeagent.localapi.handlers.read_json_body``; a
+        streaming handler ends when ``nodeagent.localapi.routes.server_closing(request)`` is
+        set (the server is stopping)."""
 
     def add_c2n_route(self, method: str, path: str, handler: C2NHandler) -> None:
         """Answer control-to-node ``method path`` requests. Only inside
@@ -89,3 +95,19 @@ class Host(Protocol):
         """Add ``collect`` to what ``GET /localapi/v0/metrics`` renders; it is called per scrape.
         During ``nodeagent_extension_init``; an exception from ``collect`` is counted in
         ``nodeagent_extension_hook_errors_total`` and the scrape goes on."""
+
+    async def explain_flow(self, src: str, dst: str, port: int, proto: int,
+                           timeout: float = 5.0) -> dict[str, Any]:
+        """Ask control why its tailnet policy allows or denies the flow ``src`` → ``dst``
+        (IPs; this node must be one of them) on ``port``/``proto``: the JSON of
+        ``nodeagent.control.explain`` (``Allowed``, ``Sentence``, ``Matches``, ``NearestMiss``,
+        ``Suggestion``...). Any time after init, from a coroutine on the loop (LocalAPI or c2n
+        handlers); waits at most ``timeout`` seconds. :class:`ControlUnavailable` when the node
+        is not logged in, control is unreachable or slow, or control refuses."""
+
+    def peer_path_status(self, peer_ip: str) -> dict[str, Any] | None:
+        """What the agent knows about the path to the peer owning ``peer_ip`` (a tailnet IP):
+        ``Name``, ``Online`` (control's view, None if unknown), ``HasDiscoKey``, ``HomeDERP``
+        (the peer's region, 0 = none), ``SelfHomeDERP``, ``InEngine`` (a WireGuard peer here),
+        ``LastHandshake`` (Unix time, 0 = never), ``CurAddr`` (the direct address in use, "" for
+        none) and ``Active``. None when no peer in the netmap owns the address. Any time."""

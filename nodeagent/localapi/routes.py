@@ -3,6 +3,7 @@ the JSON error shape every endpoint answers with."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,9 +12,12 @@ from aiohttp import web
 
 from nodeagent.ipnext.api import READ, WRITE
 
-__all__ = ["READ", "WRITE", "Handler", "LocalAPIRoutes", "Route", "json_error"]
+__all__ = ["CLOSING", "READ", "WRITE", "Handler", "LocalAPIRoutes", "Route", "json_error",
+           "server_closing"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The LocalAPI application holds its routes' ``closing`` event under this key.
+CLOSING = web.AppKey("nodeagent.localapi.closing", asyncio.Event)
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class Route:
 class LocalAPIRoutes:
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
+        # Set when the server stops: long-lived handlers (streams) end when they see it.
+        self.closing = asyncio.Event()
 
     def add(self, name: str, handler: Handler, methods: Mapping[str, str] | None = None) -> None:
         """Register ``/localapi/v0/<name>``; ``methods`` maps HTTP methods to READ or WRITE."""
@@ -43,6 +49,13 @@ class LocalAPIRoutes:
 
     def names(self) -> list[str]:
         return sorted(self._routes)
+
+
+def server_closing(request: web.Request) -> asyncio.Event:
+    """The event set when the LocalAPI server answering ``request`` stops: a long-lived handler
+    (a stream, a feature's too) ends when it is set. A fresh, never-set event elsewhere."""
+    ev = request.config_dict.get(CLOSING)
+    return ev if ev is not None else asyncio.Event()
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:

@@ -30,7 +30,7 @@ from nodeagent.errors import UserError
 from nodeagent.ipnext.known import feature_for_localapi, not_installed_message
 from nodeagent.localapi.handlers import register_core_routes
 from nodeagent.localapi.peercred import is_privileged, peer_uid, socket_uid
-from nodeagent.localapi.routes import READ, WRITE, LocalAPIRoutes, json_error
+from nodeagent.localapi.routes import CLOSING, READ, WRITE, LocalAPIRoutes, json_error
 from nodeagent.netguard import (
     ConnLimiter,
     raise_nofile_limit,
@@ -92,6 +92,7 @@ class LocalAPIServer:
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
         # The server owns its route table: the core's endpoints now, the features' at start.
         self.routes = LocalAPIRoutes()
+        self.app[CLOSING] = self.routes.closing  # for streams: routes.server_closing(request)
         register_core_routes(backend, self.routes)
         self._feature_routes_loaded = False
 
@@ -150,8 +151,11 @@ class LocalAPIServer:
         p = Path(self.path)
         d = p.parent
         if not d.exists():
-            d.mkdir(parents=True, mode=0o755)
-            os.chmod(d, 0o755)
+            try:
+                d.mkdir(parents=True, mode=0o755)
+                os.chmod(d, 0o755)
+            except OSError as e:
+                raise SocketInUseError(_socket_error(p, f"cannot create {d}", e)) from None
         if p.exists() or p.is_symlink():
             if not stat.S_ISSOCK(p.lstat().st_mode):
                 raise SocketInUseError(f"{p} exists and is not a socket; refusing to replace it")
@@ -165,11 +169,17 @@ class LocalAPIServer:
                                      keepalive_timeout=request_timeout())
         await self._runner.setup()
         assert self._runner.server is not None
-        self._server = await loop.create_unix_server(
-            self.conn_limiter.wrap(self._runner.server), str(p), backlog=1024)
+        try:
+            self._server = await loop.create_unix_server(
+                self.conn_limiter.wrap(self._runner.server), str(p), backlog=1024)
+        except OSError as e:
+            await self._runner.cleanup()
+            self._runner = None
+            raise SocketInUseError(_socket_error(p, "cannot listen", e)) from None
         os.chmod(p, 0o666)
 
     async def stop(self) -> None:
+        self.routes.closing.set()  # streams (watch-ipn-bus) end instead of holding up cleanup
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -180,6 +190,15 @@ class LocalAPIServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _socket_error(p: Path, what: str, e: OSError) -> str:
+    """One line for a LocalAPI socket that cannot be created."""
+    msg = f"LocalAPI socket {p}: {what}: {e.strerror or e}"
+    if isinstance(e, PermissionError):
+        msg += (f" (run as root, or choose a socket you can create with --socket or "
+                f"{SOCKET_ENV})")
+    return msg
 
 
 def _socket_alive(path: str) -> bool:

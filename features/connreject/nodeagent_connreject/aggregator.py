@@ -10,6 +10,10 @@ deliberate difference from Tailscale, whose code keeps old entries).
 It is called from the data plane (the event loop) and read from LocalAPI/c2n handlers and may
 be used from other threads, so every mutation holds one lock; the critical section is a dict
 lookup and a move to the end.
+
+Change notification: one optional ``on_change`` callable (the watch streams' hub installs it
+only while someone watches) is called after every change — a kept note, a switch of the gate,
+a clear. With no watcher that costs one attribute load and a ``None`` check per note.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +108,8 @@ class Aggregator:
         self.dropped_disabled = 0
         self.dropped_bad = 0
         self.evicted = 0
+        # Called (no arguments, possibly from another thread) after every change; None: nobody.
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -124,7 +131,21 @@ class Aggregator:
             if not on:
                 self._out.clear()
                 self._in.clear()
-            return prev
+        cb = self.on_change
+        if cb is not None and prev != bool(on):
+            cb()
+        return prev
+
+    def clear(self) -> int:
+        """Forget every aggregated event (both directions); returns how many there were."""
+        with self._lock:
+            n = len(self._out) + len(self._in)
+            self._out.clear()
+            self._in.clear()
+        cb = self.on_change
+        if cb is not None:
+            cb()
+        return n
 
     def set_max_entries(self, n: int) -> None:
         """Resize both directions, evicting the least recent entries if they are now too many."""
@@ -132,6 +153,9 @@ class Aggregator:
             self.max_entries = n
             for buf in (self._out, self._in):
                 self._trim(buf)
+        cb = self.on_change
+        if cb is not None:
+            cb()
 
     def note(self, ev: Event) -> None:
         """Merge one observation. Dropped when disabled, ``max_entries <= 0`` or the direction
@@ -180,6 +204,9 @@ class Aggregator:
                 buf.move_to_end(key)
             nk = (direction, reason)
             self.noted[nk] = self.noted.get(nk, 0) + 1
+        cb = self.on_change
+        if cb is not None:
+            cb()
 
     def _trim(self, buf: OrderedDict[Key, Event]) -> None:
         while len(buf) > max(self.max_entries, 0):

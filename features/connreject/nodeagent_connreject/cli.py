@@ -92,10 +92,14 @@ def format_rejects(resp: dict[str, Any], names: dict[str, str], now: float | Non
                          port or "-", ev["Reason"], ev["Source"]
                          + (" (maybe broken)" if ev.get("MaybeBroken") else ""),
                          str(ev["Count"]), _ago(ev["First"], now), _ago(ev["Last"], now)])
-            hints.append(hint(ev["Reason"], direction, name or addr))
+            why = ev.get("Explanation")  # with --explain: the agent's sentence
+            hints.append(hint(ev["Reason"], direction, name or addr)
+                         + (f"\n    why: {why}" if isinstance(why, str) and why else ""))
     if not rows:
         return "no rejected connections recorded\n"
-    head = ["DIRECTION", "PROTO", "PEER", "PORT", "REASON", "SOURCE", "COUNT", "FIRST", "LAST"]
+    # Rows aggregate by (proto, peer, reason): the port is the latest event's destination port.
+    head = ["DIRECTION", "PROTO", "PEER", "LAST PORT", "REASON", "SOURCE", "COUNT", "FIRST",
+            "LAST"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     for r, h in zip(rows, hints, strict=True):
@@ -106,12 +110,16 @@ def format_rejects(resp: dict[str, Any], names: dict[str, str], now: float | Non
 
 def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the raw LocalAPI response")
-    p.add_argument("--watch", action="store_true", help="redraw as events arrive (Ctrl-C stops)")
-    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--watch", action="store_true",
+                   help="redraw as events arrive, from the agent's watch stream (Ctrl-C stops); "
+                        "with --json, one compact JSON response per line")
+    p.add_argument("--explain", action="store_true",
+                   help="add one plain sentence per row: why it failed (asks control for "
+                        "policy refusals)")
 
 
-def _fetch(ctx: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    resp = ctx.localapi.get("debug-rejects")
+def _fetch(ctx: Any, explain: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    resp = ctx.localapi.get("debug-rejects?explain=1" if explain else "debug-rejects")
     try:
         names = host_names(ctx.localapi.get("status"))
     except Exception:  # names are a nicety; the table works without them
@@ -121,7 +129,7 @@ def _fetch(ctx: Any) -> tuple[dict[str, Any], dict[str, str]]:
 
 def _run(args: argparse.Namespace, ctx: Any) -> int:
     if not args.watch:
-        resp, names = _fetch(ctx)
+        resp, names = _fetch(ctx, explain=getattr(args, "explain", False))
         if args.json:
             json.dump(resp, sys.stdout, indent=2)
             print()
@@ -132,17 +140,34 @@ def _run(args: argparse.Namespace, ctx: Any) -> int:
 
 
 def _watch(args: argparse.Namespace, ctx: Any, write: Callable[[str], Any]) -> int:
+    """Follow ``debug-rejects?watch=1``: the agent sends a snapshot at once and after each
+    change (at most five a second); redraw when the table it gives differs."""
+    from nodeagent.localapi.client import LocalAPIError
+    from nodeagent_connreject.stream import watch_lines
+
+    query = "watch=1&explain=1" if getattr(args, "explain", False) else "watch=1"
     last = None
     try:
-        while True:
-            resp, names = _fetch(ctx)
-            text = (json.dumps(resp, indent=2) + "\n") if args.json else format_rejects(resp,
-                                                                                        names)
-            if text != last:
-                write("\x1b[H\x1b[2J" + text if sys.stdout.isatty() else text)
+        for msg in watch_lines(ctx.socket, query):
+            if msg.get("Type") == "closing":
+                print("the agent is stopping: watch ended", file=sys.stderr)
+                return 0
+            resp = msg.get("Rejects")
+            if msg.get("Type") != "snapshot" or not isinstance(resp, dict):
+                continue  # heartbeats and line types this CLI does not know
+            if args.json:
+                text = json.dumps(resp, separators=(",", ":")) + "\n"
+            else:
+                try:
+                    names = host_names(ctx.localapi.get("status"))
+                except Exception:  # names are a nicety; the table works without them
+                    names = {}
+                text = format_rejects(resp, names)
+            if text != last or args.json:
+                write("\x1b[H\x1b[2J" + text if sys.stdout.isatty() and not args.json else text)
                 sys.stdout.flush()
                 last = text
-            time.sleep(args.interval)  # polling the agent; nothing to synchronise with
+        raise LocalAPIError(f"the agent at {ctx.socket} ended the watch stream")
     except KeyboardInterrupt:
         return 0
 
@@ -151,3 +176,7 @@ def _watch(args: argparse.Namespace, ctx: Any, write: Callable[[str], Any]) -> i
 def nodeagent_cli_commands(cli: Any) -> None:
     cli.add_command(("debug", "rejects"), help="show rejected connections and why",
                     setup=_setup, run=_run)
+    from nodeagent_connreject import webcmd
+
+    cli.add_command(("web",), help="serve a live page of rejected connections (local browser)",
+                    setup=webcmd.setup, run=webcmd.run)

@@ -5,21 +5,28 @@ It installs one note callback on the TUN Wrapper and on the engine whenever eith
 (and again when replaced), removes it when they stop and at shutdown, flips its recording gate on
 the ``debug-conn-reject`` node attribute at every self-node change, and serves the aggregate on
 LocalAPI ``GET /localapi/v0/debug-rejects``, c2n ``GET /debug/rejects`` and in the metrics.
+``GET debug-rejects?watch=1`` streams it live (:mod:`nodeagent_connreject.watch`);
+``DELETE debug-rejects`` (write permission) clears it and answers 204.
+``?explain=1`` adds ``Explanation`` (a sentence) and ``ExplanationDetail`` to every event
+(:mod:`nodeagent_connreject.explain`); without it the answer is Tailscale's shape exactly.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp import web
 
 from nodeagent.c2n import C2NRequest, C2NResponse
 from nodeagent.ipn.prefs import Prefs
 from nodeagent.ipnext import hookimpl
-from nodeagent.ipnext.api import READ, ConnRejectObservable, Host, Sample
+from nodeagent.ipnext.api import READ, WRITE, ConnRejectObservable, Host, Sample
 from nodeagent.packet import addr_str
 from nodeagent.tailcfg import NODE_ATTR_CONN_REJECT, Node
 from nodeagent_connreject.aggregator import Aggregator, default_max_entries
+from nodeagent_connreject.explain import Explainer
+from nodeagent_connreject.watch import WatchHub, serve_watch
 
 log = logging.getLogger("nodeagent.connreject")
 
@@ -31,6 +38,9 @@ ADDR_CACHE_SIZE = 4096
 class ConnRejectExtension:
     def __init__(self) -> None:
         self.aggregator = Aggregator(default_max_entries())
+        self.watch_hub = WatchHub(self.aggregator)
+        self._host: Host | None = None  # from init to shutdown: explanations ask through it
+        self.explainer = Explainer(lambda: self._host)
         self._attached: list[ConnRejectObservable] = []  # where our callback is installed
         self._addr_names: dict[tuple[int, int], str] = {}
 
@@ -69,9 +79,12 @@ class ConnRejectExtension:
         if configured:
             self.aggregator.set_max_entries(configured)
         host.register_metrics(self.metrics)
+        self._host = host
 
     @hookimpl
     def nodeagent_extension_shutdown(self, host: Host) -> None:
+        self._host = None
+        self.explainer.close()
         for obj in list(self._attached):
             self._detach(obj)
         self.aggregator.set_enabled(False)
@@ -118,10 +131,26 @@ class ConnRejectExtension:
     # --- endpoints -------------------------------------------------------------------------
     @hookimpl
     def nodeagent_localapi_routes(self, host: Host) -> None:
-        async def debug_rejects(request: web.Request) -> web.StreamResponse:
-            return web.json_response(self.aggregator.response())
+        def body(request: web.Request) -> dict[str, Any]:
+            # The answer to GET and every watch snapshot: query parameters apply to both.
+            resp = self.aggregator.response()
+            if request.query.get("explain", "") in ("1", "true"):
+                return self.explainer.annotate_cached(resp, self._explained)
+            return resp
 
-        host.add_localapi_route(LOCALAPI_ENDPOINT, debug_rejects, {"GET": READ})
+        async def debug_rejects(request: web.Request) -> web.StreamResponse:
+            if request.method == "DELETE":
+                self.aggregator.clear()
+                return web.Response(status=204)
+            if request.query.get("watch", "") in ("1", "true"):
+                return await serve_watch(request, self.watch_hub, lambda: body(request))
+            if request.query.get("explain", "") in ("1", "true"):  # waits for control (bounded)
+                return web.json_response(await self.explainer.annotate(
+                    self.aggregator.response()))
+            return web.json_response(body(request))
+
+        host.add_localapi_route(LOCALAPI_ENDPOINT, debug_rejects,
+                                {"GET": READ, "DELETE": WRITE})
 
     @hookimpl
     def nodeagent_c2n_routes(self, host: Host) -> None:
@@ -129,6 +158,12 @@ class ConnRejectExtension:
             return C2NResponse.json(self.aggregator.response())
 
         host.add_c2n_route("GET", C2N_PATH, debug_rejects)
+
+    def _explained(self) -> None:
+        """An explanation arrived from control: open watch streams send a new snapshot."""
+        notify = self.aggregator.on_change
+        if notify is not None:
+            notify()
 
     def metrics(self) -> list[Sample]:
         agg = self.aggregator
