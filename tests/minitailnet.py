@@ -15,7 +15,6 @@ import os
 import secrets
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +29,14 @@ LINK = "198.18.7"  # underlay /24 of the veth link (only inside the two namespac
 
 
 def wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``cond`` every 50 ms until it returns something true; AssertionError after
-    ``timeout`` s naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    """Poll ``cond`` (the demo's loop: ``nodeagent.demo.lab.wait_until``) until it returns
+    something true; AssertionError after ``timeout`` s naming ``what``."""
+    from nodeagent.demo.lab import DemoError, wait_until
+
+    try:
+        return wait_until(cond, timeout, what)
+    except DemoError as e:
+        raise AssertionError(str(e)) from None
 
 
 def _answers(sock: str) -> bool:

@@ -68,13 +68,9 @@ def tun_available() -> str | None:
     """``None`` if TUN devices can be created, else the reason (checked without creating one)."""
     if os.geteuid() != 0:
         return "TUN devices need root (euid is not 0)"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun does not exist"
-    try:
-        os.close(os.open("/dev/net/tun", os.O_RDWR))
-    except OSError as e:
-        return f"cannot open /dev/net/tun: {e.strerror}"
-    return None
+    from nodeagent.demo.lab import tun_unusable  # the check `nodeagent demo` makes
+
+    return tun_unusable()
 
 
 def skip_unless_netns(tun: bool = False) -> None:

@@ -1,7 +1,8 @@
 """Registers ``nodeagent demo`` with the CLI and checks what it needs before anything is made.
 
-Owns the command's flags: ``--keep`` (run until Ctrl-C), ``--direct`` (no relay) and
-``--cleanup`` (only remove what killed demo runs left, then exit).
+Owns the command's flags: ``--keep`` (run until Ctrl-C), ``--web`` (the live page of rejections,
+until Ctrl-C), ``--direct`` (no relay) and ``--cleanup`` (only remove what killed demo runs left,
+then exit).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def register(reg: CLIRegistry) -> None:
 def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true",
                    help="keep the tailnet running after the story, until Ctrl-C")
+    p.add_argument("--web", action="store_true",
+                   help="also serve the live page of the laptop's rejected connections "
+                   "(nodeagent web, feature connreject) on 127.0.0.1; implies --keep")
     p.add_argument("--direct", action="store_true",
                    help="no DERP relay even if the derper feature is installed: the agents "
                    "reach each other directly")
@@ -50,7 +54,7 @@ def _run(args: argparse.Namespace, ctx: CLIContext) -> int:
     from nodeagent.demo.story import run
 
     try:
-        return run(args.keep, _say, _begin, direct=args.direct)
+        return run(args.keep, _say, _begin, direct=args.direct, web=args.web)
     except CLIError:
         raise
     except UserError as e:

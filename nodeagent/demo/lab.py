@@ -8,7 +8,9 @@ With a derper, the hub does not forward between the veths: the agents reach the 
 never each other, so every packet between them goes through the DERP relay. Without one, the hub
 forwards and the agents talk directly. Every name the run makes starts with
 ``nademo-<pid>-`` and is written to the run's :class:`~nodeagent.demo.leftovers.Record` before
-it exists.
+it exists. ``nodeagent web`` (``--web``) is the one process outside the namespaces: it serves
+the laptop's page on the host's loopback and reaches the agent through its socket file; the
+record lists its pid as soon as it has one (and it gets SIGTERM if the demo dies first).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -40,7 +43,10 @@ DERP_PORT = 443
 STUN_PORT = 3478
 REGION_ID = 900
 REGION_CODE = "demo"
+WEB_PORT = 8088  # nodeagent web's own default; another free port when it is taken
+TUN_DEV = "/dev/net/tun"
 _PR_SET_PDEATHSIG = 1
+_WEB_URL = re.compile(r"serving (http://\S+)")
 
 
 class DemoError(UserError):
@@ -72,10 +78,20 @@ def missing_requirement() -> str | None:
         return "demo needs the 'ip' tool from iproute2 (apt-get install iproute2)"
     if not os.path.exists("/proc/self/ns/net"):
         return "demo needs network namespaces: this kernel has none (/proc/self/ns/net)"
+    if (why := tun_unusable()) is not None:
+        return f"demo needs TUN devices: {why}"
+    return None
+
+
+def tun_unusable() -> str | None:
+    """Why this process cannot open TUN devices (one line naming the device file), or None.
+    Checked without creating a device (``tests/netns.py`` asks this too)."""
+    if not os.path.exists(TUN_DEV):
+        return f"{TUN_DEV} does not exist"
     try:
-        os.close(os.open("/dev/net/tun", os.O_RDWR))
+        os.close(os.open(TUN_DEV, os.O_RDWR))
     except OSError as e:
-        return f"demo needs TUN devices: cannot open /dev/net/tun: {e.strerror}"
+        return f"cannot open {TUN_DEV}: {e.strerror}"
     return None
 
 
@@ -103,7 +119,7 @@ def wait_until(cond: Callable[[], T], timeout: float, what: str,
 @dataclass
 class Proc:
     name: str
-    ns: str
+    ns: str | None  # None: the root namespace
     popen: subprocess.Popen[bytes]
     log: Path
 
@@ -159,12 +175,17 @@ class Lab:
         except subprocess.TimeoutExpired:
             raise DemoError(f"{' '.join(argv[:6])} in {ns} took longer than {timeout:g}s") from None
 
-    def start(self, name: str, ns: str, argv: list[str]) -> Proc:
+    def start(self, name: str, ns: str | None, argv: list[str], cwd: Path | None = None) -> Proc:
+        """``argv`` inside ``ns`` (None: here, in the root namespace, and listed in the record),
+        output to ``<name>.log``."""
         log = self.dir / f"{name}.log"
+        cmd = argv if ns is None else ["ip", "netns", "exec", ns, *argv]
         with open(log, "ab") as f:
-            popen = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
-                                     stdout=f, stderr=subprocess.STDOUT, env=self.env,
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f,
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=cwd,
                                      start_new_session=True, preexec_fn=_die_with_parent)
+        if ns is None:  # removing the namespaces would not stop it
+            self.rec.add_process(popen.pid)
         p = Proc(name, ns, popen, log)
         self.procs.append(p)
         return p
@@ -210,9 +231,11 @@ class Lab:
         d = self.dir / "control"
         (d / "state").mkdir(parents=True)
         (d / "policy.hujson").write_text(policy)
+        # Started in its directory with a relative policy path: explanations cite the short
+        # "policy.hujson:LINE".
         p = self.start("control", self.hub, [
             *nodeagent_argv(), "control", "serve", "--listen", f"{HUB_IP}:{CONTROL_PORT}",
-            "--state-dir", str(d / "state"), "--policy", str(d / "policy.hujson")])
+            "--state-dir", str(d / "state"), "--policy", "policy.hujson"], cwd=d)
         wait_until(lambda: (d / "state" / "control-url").exists()
                    and (d / "state" / "admin-token").exists(), 60,
                    "the control server to start", p.check)
@@ -280,6 +303,30 @@ class Lab:
             sys.executable, "-m", "nodeagent.demo.tcpserver", name, *map(str, ports)])
         wait_until(lambda: "listening" in p.tail(), 30, f"the TCP server on {name}", p.check)
         return p
+
+    def start_web(self, name: str) -> tuple[Proc, str]:
+        """``nodeagent web`` for agent ``name``, here in the root namespace (its LocalAPI socket
+        is a file) on 127.0.0.1, where a browser on this machine reaches it: on
+        :data:`WEB_PORT`, or a free port when that is taken. Returns it and its URL."""
+        sock = self.agent_paths(name)[0]
+        for port in (WEB_PORT, 0):
+            p = self.start(f"web-{name}-{port}", None, [
+                *nodeagent_argv(), "web", "--listen", "127.0.0.1", "--port", str(port),
+                "--socket", sock])
+
+            def started(p: Proc = p) -> tuple[str] | None:
+                """(its URL,) once it serves, ("",) when it exited, None meanwhile."""
+                with contextlib.suppress(OSError):
+                    if m := _WEB_URL.search(p.log.read_text(errors="replace")):
+                        return (m.group(1),)
+                return ("",) if p.popen.poll() is not None else None
+
+            (got,) = wait_until(started, 30, f"nodeagent web for {name}")
+            if got:
+                return p, got
+            if port == 0 or "cannot listen" not in p.tail():
+                p.check()
+        raise DemoError(f"nodeagent web for {name} did not start (log {p.log})")
 
     # --- teardown ----------------------------------------------------------------------------
 

@@ -1,11 +1,12 @@
 """What a demo run made, written down before it is made, and the removal of it.
 
 Owns the demo's state files: ``/run/nodeagent-demo/<pid>.json`` (``NODEAGENT_DEMO_STATE_DIR``
-overrides the directory) lists the run's namespaces and temp dirs, plus the pid's start time so a
-recycled pid is not taken for the run. Every run first removes what dead runs left (their state
-files, and any namespace named ``nademo-<pid>-…`` whose pid no longer runs). Removing a namespace
-kills every process inside it first; the demo starts all its processes inside its namespaces, so
-nothing outside them is ever killed.
+overrides the directory) lists the run's namespaces and temp dirs, the processes it started outside
+them (``nodeagent web``), each with its start time, plus the pid's start time so a recycled pid
+is not taken for the run. Every run first removes what dead runs left (their state files, and any
+namespace named ``nademo-<pid>-…`` whose pid no longer runs). Removing a namespace kills every
+process inside it first; outside the namespaces, only a listed process whose pid still has the
+listed start time is killed, so nothing else is ever killed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,7 @@ class Record:
     started: str | None = None
     namespaces: list[str] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
+    processes: list[tuple[int, str | None]] = field(default_factory=list)  # (pid, start time)
 
     @classmethod
     def create(cls) -> Record:
@@ -74,7 +77,8 @@ class Record:
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": self.pid, "started": self.started,
-                                   "namespaces": self.namespaces, "dirs": self.dirs}))
+                                   "namespaces": self.namespaces, "dirs": self.dirs,
+                                   "processes": [list(p) for p in self.processes]}))
         os.replace(tmp, self.path)
 
     def add_namespace(self, name: str) -> None:
@@ -85,9 +89,14 @@ class Record:
         self.dirs.append(path)
         self.save()
 
+    def add_process(self, pid: int) -> None:
+        """A process started outside the namespaces (removing them would not stop it)."""
+        self.processes.append((pid, start_time(pid)))
+        self.save()
+
     def remove_all(self) -> list[str]:
         """Remove everything listed, then the state file; returns what was removed."""
-        gone = remove(self.namespaces, self.dirs)
+        gone = remove(self.namespaces, self.dirs, self.processes)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         return gone
@@ -99,13 +108,8 @@ def netns_pids(name: str) -> list[int]:
     return [int(x) for x in r.stdout.split() if x.isdigit()]
 
 
-def remove_namespace(name: str) -> bool:
-    """Kill what runs inside ``name`` (SIGTERM, then SIGKILL after 3 s), delete it; True if it
-    existed."""
-    if not (NETNS_DIR / name).exists():
-        return False
-    me = os.getpid()
-    pids = [p for p in netns_pids(name) if p != me]
+def _kill(pids: list[int]) -> None:
+    """SIGTERM, then SIGKILL to what is left after 3 s."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -117,12 +121,31 @@ def remove_namespace(name: str) -> bool:
                 time.sleep(0.05)
         if not pids:
             break
+
+
+def remove_namespace(name: str) -> bool:
+    """Kill what runs inside ``name`` (SIGTERM, then SIGKILL after 3 s), delete it; True if it
+    existed."""
+    if not (NETNS_DIR / name).exists():
+        return False
+    me = os.getpid()
+    _kill([p for p in netns_pids(name) if p != me])
     subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
     return True
 
 
-def remove(namespaces: list[str], dirs: list[str]) -> list[str]:
-    gone = [f"namespace {ns}" for ns in reversed(namespaces) if remove_namespace(ns)]
+def stop_process(pid: int, started: str | None) -> bool:
+    """Kill ``pid`` if it is still the process that was listed (same start time); True if so."""
+    if started is None or pid == os.getpid() or start_time(pid) != started:
+        return False
+    _kill([pid])
+    return True
+
+
+def remove(namespaces: list[str], dirs: list[str],
+           processes: Sequence[tuple[int, str | None]] = ()) -> list[str]:
+    gone = [f"process {pid}" for pid, started in processes if stop_process(pid, started)]
+    gone += [f"namespace {ns}" for ns in reversed(namespaces) if remove_namespace(ns)]
     for d in dirs:
         if os.path.isdir(d):
             shutil.rmtree(d, ignore_errors=True)
@@ -141,13 +164,15 @@ def clean_dead_runs() -> list[str]:
                 pid = int(data["pid"])
                 namespaces = [str(x) for x in data.get("namespaces") or []]
                 dirs = [str(x) for x in data.get("dirs") or []]
+                processes = [(int(p), None if st is None else str(st))
+                             for p, st in data.get("processes") or []]
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not ours to judge; left alone
             if run_alive(pid, data.get("started")):
                 continue
             namespaces = [n for n in namespaces if n.startswith(PREFIX)]
             dirs = [x for x in dirs if os.path.basename(x).startswith(PREFIX)]
-            gone += remove(namespaces, dirs)
+            gone += remove(namespaces, dirs, processes)
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
     # Namespaces of a dead run whose state file is gone (deleted by hand, another state dir).

@@ -1,5 +1,7 @@
 """The demo's scenario: build the tailnet, then show a ping, a permitted connection, a refused
-one that fails at once, and where to read why — on both nodes and from control.
+one that fails at once, and where to read why — on both nodes (``debug rejects --explain``),
+over c2n, and the policy's own answer from control (``control explain``); with ``--web``, the
+live page of the laptop's rejections until Ctrl-C.
 
 Owns what the demo prints. Each build step prints one progress line; each part of the story a
 heading, the command a person would type (``$ ...``) and its output. Everything made is removed
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from nodeagent.demo.lab import (
     CONTROL_PORT,
@@ -226,32 +229,45 @@ class Story:
                        "(expected a refusal within a second)")
 
         if not has_connreject:
+            from nodeagent.ipnext.known import not_installed_message
+
             self.heading("4. why? nodeagent debug rejects")
-            self.write("feature connreject is not installed: no rejection diagnostics "
-                       "(pip install ./features/connreject)")
+            self.write(f"no rejection diagnostics: {not_installed_message('connreject')}")
             return result
-        self.heading(f"4. why? nodeagent debug rejects on {CLIENT} (the refused side)")
+        self.heading(f"4. why? nodeagent debug rejects --explain on {CLIENT} (the refused side)")
         self._wait_rejects(CLIENT, "Outgoing")
-        result["client_rejects"] = self.cli(CLIENT, "debug", "rejects")
+        result["client_rejects"] = self.cli(CLIENT, "debug", "rejects", "--explain")
         self.heading(f"5. ... and on {SERVER} (the refusing side)")
         self._wait_rejects(SERVER, "Incoming")
-        result["server_rejects"] = self.cli(SERVER, "debug", "rejects")
+        result["server_rejects"] = self.cli(SERVER, "debug", "rejects", "--explain")
         self.heading(f"6. the same from the coordination server: a c2n request to {SERVER}")
-        state = lab.dir / "control" / "state"
-        self.write(f"$ ip netns exec {lab.hub} {self.na} control c2n {SERVER} GET "
-                   f"/debug/rejects --state-dir {state}")
-        r = lab.run(lab.hub, [*nodeagent_argv(), "control", "c2n", SERVER, "GET",
-                              "/debug/rejects", "--state-dir", str(state)])
-        status, _, body = (r.stdout + r.stderr).partition("\n")
+        status, _, body = self.hub_cli("control", "c2n", SERVER, "GET",
+                                       "/debug/rejects").partition("\n")
         self.write(f"  {status}")
         try:
-            text = json.dumps(json.loads(body), indent=2)
+            lines = json_lines(json.loads(body))
         except ValueError:
-            text = body
-        for ln in text.rstrip().splitlines():
+            lines = body.rstrip().splitlines()
+        for ln in lines:
             self.write(f"  {ln}")
         result["c2n"] = status
+        self.heading(f"7. the policy's answer, from the coordination server: its lines on "
+                     f"{CLIENT} → {SERVER}:{BLOCKED_PORT} and the entry that would allow it")
+        self.write(f"# policy.hujson is {lab.dir / 'control' / 'policy.hujson'}")
+        out = self.hub_cli("control", "explain", CLIENT, f"{SERVER}:{BLOCKED_PORT}")
+        for ln in out.splitlines():
+            self.write(f"  {ln}")
+        result["explain"] = out
         return result
+
+    def hub_cli(self, *args: str) -> str:
+        """``nodeagent ARGS --state-dir <control's>`` inside the hub; the command printed, its
+        output returned."""
+        lab = self.lab
+        state = lab.dir / "control" / "state"
+        self.write(f"$ ip netns exec {lab.hub} {self.na} {' '.join(args)} --state-dir {state}")
+        r = lab.run(lab.hub, [*nodeagent_argv(), *args, "--state-dir", str(state)])
+        return (r.stdout + r.stderr).rstrip()
 
     def _connect(self, ip: str, port: int) -> tuple[str, float, str]:
         from nodeagent.tundev.netconf import call_in_netns
@@ -294,7 +310,8 @@ class Story:
         self.heading("explore")
         for name in (CLIENT, SERVER):
             self.write(f"{name}:  {na(name)} status --socket {self.sock(name)}")
-        self.write(f"watch:   {na(CLIENT)} debug rejects --watch --socket {self.sock(CLIENT)}")
+        self.write(f"watch:   {na(CLIENT)} debug rejects --watch --explain --socket "
+                   f"{self.sock(CLIENT)}")
         self.write(f"connect: ip netns exec {lab.ns(CLIENT)} bash -c 'echo > "
                    f"/dev/tcp/{self.ips[SERVER]}/{BLOCKED_PORT}'")
         self.write(f"ping:    {na(CLIENT)} ping {SERVER} --socket {self.sock(CLIENT)}")
@@ -308,15 +325,42 @@ class Story:
     def nodeagent_in(self, name: str) -> str:
         return f"ip netns exec {self.lab.ns(name)} {self.na}"
 
+    def live(self) -> str:
+        """Start ``nodeagent web`` for the laptop; print where to open it. Returns the URL."""
+        self.heading(f"live view: {CLIENT}'s rejections in a browser")
+        _, url = self.lab.start_web(CLIENT)
+        self.write(f"$ {self.na} web --port {urlsplit(url).port} --socket {self.sock(CLIENT)}")
+        self.write(f"open {url} in a browser on this machine; connect again ('connect:' above) "
+                   "and watch the row count up")
+        return url
+
+
+def json_lines(doc: Any) -> list[str]:
+    """JSON of ``doc``, short: one line per top-level key, one per item of a list value."""
+    if not isinstance(doc, dict) or not doc:
+        return [json.dumps(doc)]
+    out = ["{"]
+    for i, (k, v) in enumerate(doc.items()):
+        end = "," if i < len(doc) - 1 else ""
+        if isinstance(v, list) and v:
+            out.append(f"  {json.dumps(k)}: [")
+            out += [f"    {json.dumps(x)}" + ("," if j < len(v) - 1 else "")
+                    for j, x in enumerate(v)]
+            out.append(f"  ]{end}")
+        else:
+            out.append(f"  {json.dumps(k)}: {json.dumps(v)}{end}")
+    return [*out, "}"]
+
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def run(keep: bool, write: Callable[[str], None], begin: Callable[[str], None], *,
-        direct: bool = False) -> int:
+        direct: bool = False, web: bool = False) -> int:
     """The whole demo; returns the exit status (0: the story went as told). ``write`` prints a
-    line, ``begin`` the start of a progress line."""
+    line, ``begin`` the start of a progress line. ``web`` (with connreject) serves the live page
+    and keeps running until Ctrl-C."""
     gone = clean_dead_runs()
     if gone:
         write(f"removed what an earlier demo run left: {', '.join(gone)}")
@@ -333,16 +377,24 @@ def run(keep: bool, write: Callable[[str], None], begin: Callable[[str], None], 
         lab = Lab(rec)
         write(f"nodeagent demo: a tailnet of two nodes on this machine (run {rec.pid}, temp dir "
               f"{lab.dir})")
+        if web and not has_connreject:
+            from nodeagent.ipnext.known import not_installed_message
+
+            write(f"--web: no live view: {not_installed_message('connreject')}")
+            web = False
         story = Story(lab, write, begin)
         story.build(derp)
         result = story.tell(derp, has_connreject)
         ok = (result["allowed"][0] == "connected" and result["blocked"][0] == "refused"
               and result["blocked"][1] < FAST)
         story.explore()
+        if web:
+            story.live()
+            keep = True
         if keep:
-            write("")
-            write("running until Ctrl-C (everything above is removed then)")
-            try:
+            try:  # a Ctrl-C right after the line below still ends the run as asked (status 0)
+                write("")
+                write("running until Ctrl-C (everything above is removed then)")
                 while True:
                     signal.pause()
             except KeyboardInterrupt:

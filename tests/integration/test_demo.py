@@ -1,11 +1,16 @@
 """``nodeagent demo`` end to end: the story it tells, and that it leaves nothing behind.
 
 - a whole run: the permitted connection works, the blocked ``connect()`` is refused within a
-  second, the rejection shows on both nodes and over c2n (with connreject), the path is DERP
-  (with derper) — and afterwards no namespace, process, temp dir or state file of the run is left;
-- a ``--keep`` run keeps everything until Ctrl-C (SIGINT), then removes it and exits 0;
-- a ``--keep`` run killed with SIGKILL leaves its namespaces, and the next run (``--cleanup``,
-  the same code every run starts with) removes them;
+  second, the rejection shows on both nodes with control's explanation (the policy line), over
+  c2n, and ``control explain`` gives the policy's lines and the entry that would allow it (with
+  connreject), the path is DERP (with derper) — and afterwards no namespace, process, temp dir or
+  state file of the run is left;
+- a ``--web`` run keeps everything until Ctrl-C (SIGINT): its page answers, its event stream
+  carries the demo's rejection, its state file lists the web server; then it removes it all and
+  exits 0 (without connreject: one line with the install hint, and the story still runs);
+- a ``--keep`` (``--web``) run killed with SIGKILL leaves its namespaces, and the next run
+  (``--cleanup``, the same code every run starts with) removes them; a process listed in a dead
+  run's state file is stopped, one whose start time differs is not;
 - as a non-root user it says so in one line.
 
 Each test gives the demo a state directory of its own (``NODEAGENT_DEMO_STATE_DIR``).
@@ -13,6 +18,7 @@ Each test gives the demo a state directory of its own (``NODEAGENT_DEMO_STATE_DI
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,8 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +43,7 @@ if _missing:
     pytestmark.append(pytest.mark.skip(reason=_missing))
 
 DEMO = [sys.executable, "-m", "nodeagent.cli.main", "demo"]
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
 
 
 @pytest.fixture
@@ -101,6 +110,17 @@ def test_demo_tells_the_story_and_leaves_nothing(state_dir: str) -> None:
         assert re.search(r"^  incoming +tcp +laptop \(100\.\d+\.\d+\.\d+\) +22 +acl +tsmp_sent",
                          out, re.M), out
         assert "  status 200" in out and '"Reason": "acl"' in out, out
+        # --explain: control's sentence on both sides, naming the policy line that came nearest
+        assert "→ refused by the tailnet policy on server" in out, out
+        whys = re.findall(r"^      why: (.*)$", out, re.M)
+        assert len(whys) == 2 and all("port 22" in w and "acls[0] at policy.hujson:6" in w
+                                      for w in whys), out
+        # control explain from the hub: the verdict, the policy lines, the suggested entry
+        explain = out.split(" control explain laptop server:22 --state-dir ", 1)[-1]
+        assert re.search(r"^  Denied: .*laptop.*server.*port 22", explain, re.M), out
+        assert "  acls[0] at policy.hujson:6: laptop → server:8080" in explain, out
+        assert re.search(r'^    \{"action": "accept", "src": \["laptop"\], "dst": \["server:22"\]',
+                         explain, re.M), out
     else:
         assert "feature connreject is not installed" in out, out
     assert "debug rejects --watch" in out and "status --socket" in out, out
@@ -108,10 +128,11 @@ def test_demo_tells_the_story_and_leaves_nothing(state_dir: str) -> None:
     assert leftovers(proc.pid, state_dir) == []
 
 
-def start_keep(env: dict[str, str]) -> subprocess.Popen[str]:
-    """``nodeagent demo --keep``, returned once it says it keeps running."""
-    proc = subprocess.Popen([*DEMO, "--keep"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd="/")
+def start_keep(env: dict[str, str], *flags: str) -> tuple[subprocess.Popen[str], str]:
+    """``nodeagent demo FLAGS`` (default ``--keep``), returned with its output once it says it
+    keeps running."""
+    proc = subprocess.Popen([*DEMO, *(flags or ["--keep"])], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd="/")
     lines: list[str] = []
     assert proc.stdout is not None
     deadline = time.monotonic() + 240
@@ -124,13 +145,56 @@ def start_keep(env: dict[str, str]) -> subprocess.Popen[str]:
         proc.kill()
         proc.wait(10)
         pytest.fail("".join(lines))
-    return proc
+    return proc, "".join(lines)
 
 
-def test_keep_runs_until_ctrl_c_then_cleans_up(state_dir: str) -> None:
-    proc = start_keep(env_with(state_dir))
+def sse_until(url: str, want: Any, timeout: float) -> dict[str, Any]:
+    """Read the server-sent events at ``url`` until a ``snapshot`` whose data satisfies
+    ``want``; returns that data."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    with HTTP.open(url, timeout=timeout) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        event = ""
+        while time.monotonic() < deadline:
+            line = r.readline().decode()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "snapshot":
+                data = json.loads(line[6:])
+                if want(data):
+                    return data
+                seen.append(line[:300])
+    pytest.fail(f"no matching snapshot from {url} within {timeout}s: {seen}")
+
+
+def demo_rejection(snap: dict[str, Any]) -> bool:
+    return any(ev["Dst"].endswith(":22") and ev["Reason"] == "acl" and ev.get("Explanation")
+               for ev in (snap.get("Rejects") or {}).get("Outgoing") or [])
+
+
+def test_web_serves_the_live_view_until_ctrl_c_then_cleans_up(state_dir: str) -> None:
+    web = feature_installed("connreject")
+    proc, out = start_keep(env_with(state_dir), *(["--web"] if web else ["--web", "--keep"]))
     try:
         assert leftovers(proc.pid, state_dir) != []  # still there while it keeps running
+        if web:
+            m = re.search(r"^open (http://127\.0\.0\.1:\d+/) in a browser", out, re.M)
+            assert m, out
+            with HTTP.open(m.group(1), timeout=30) as r:
+                assert r.status == 200 and "text/html" in r.headers["Content-Type"]
+            sse_until(m.group(1) + "api/events", demo_rejection, 30)
+            listed = json.loads((Path(state_dir) / f"{proc.pid}.json").read_text())["processes"]
+            cmds = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid, _ in listed]
+            assert len(cmds) == 1 and b"web" in cmds[0], (listed, cmds)
+        else:
+            hint = [ln for ln in out.splitlines() if ln.startswith("--web: ")]
+            assert len(hint) == 1 and "feature connreject is not installed" in hint[0] \
+                and "pip install" in hint[0], out
+            assert re.search(r"^blocked: connect\(\) refused", out, re.M), out
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, rest
@@ -144,7 +208,7 @@ def test_keep_runs_until_ctrl_c_then_cleans_up(state_dir: str) -> None:
 
 def test_killed_demo_is_cleaned_by_the_next_run(state_dir: str) -> None:
     env = env_with(state_dir)
-    proc = start_keep(env)
+    proc, _ = start_keep(env, "--web") if feature_installed("connreject") else start_keep(env)
     try:
         proc.send_signal(signal.SIGKILL)  # no cleanup of its own
         proc.wait(10)
@@ -166,6 +230,30 @@ def test_killed_demo_is_cleaned_by_the_next_run(state_dir: str) -> None:
         if proc.stdout:
             proc.stdout.close()
         subprocess.run([*DEMO, "--cleanup"], capture_output=True, env=env, timeout=120)
+
+
+def test_cleanup_stops_a_listed_process_only_if_it_is_the_same(
+        state_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodeagent.demo.leftovers import clean_dead_runs, start_time
+
+    dead = subprocess.Popen(["true"])
+    dead.wait(10)  # a run that is gone
+    listed = subprocess.Popen(["sleep", "60"])
+    other = subprocess.Popen(["sleep", "60"])  # listed with another start time: a recycled pid
+    try:
+        (Path(state_dir) / f"{dead.pid}.json").write_text(json.dumps({
+            "pid": dead.pid, "started": None, "namespaces": [], "dirs": [],
+            "processes": [[listed.pid, start_time(listed.pid)], [other.pid, "1"]]}))
+        monkeypatch.setenv("NODEAGENT_DEMO_STATE_DIR", state_dir)
+        gone = clean_dead_runs()
+        assert f"process {listed.pid}" in gone and f"process {other.pid}" not in gone, gone
+        assert listed.wait(10) == -signal.SIGTERM
+        assert other.poll() is None
+        assert os.listdir(state_dir) == []
+    finally:
+        for p in (listed, other):
+            p.kill()
+            p.wait(10)
 
 
 def test_not_root_is_one_clear_line() -> None:
