@@ -4,7 +4,7 @@ Two derper processes (``derper --dev`` with ``--mesh-with`` each other, plain HT
 is the relay's and not TLS's) on loopback. Mesh leg: the sender on node A, the receiver on node
 B, every packet going SendPacket → ForwardPacket (A to B) → RecvPacket. Baseline: sender and
 receiver both on node A. Both legs send identical 1400-byte packets with the same in-flight
-window (``derp_relay.pump``), counting received bytes straight from the receiver's socket.
+window (``derp_relay.relay_between``), counting received bytes straight from the receiver's socket.
 Prints packets/s, MB/s and the ratio mesh / one node.
 
     python3 benchmarks/derp_mesh.py [--packets 100000] [--size 1400] [--window 256]
@@ -25,10 +25,9 @@ import urllib.request
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."),
                 os.path.join(os.path.dirname(__file__), "..", "features", "derper")]
 
-from derp_relay import Counter, _use_uvloop, pump  # noqa: E402
+from derp_relay import _use_uvloop, relay_between  # noqa: E402
 from nacl.public import PrivateKey  # noqa: E402
 
-from nodeagent.derp import frames as F  # noqa: E402
 from nodeagent.derp.client import DerpClient  # noqa: E402
 from tests.procutil import stop  # noqa: E402
 
@@ -84,17 +83,7 @@ async def bench(send_port: int, recv_port: int, total: int, size: int, window: i
     if send_port != recv_port:  # the sender's node must have learnt the receiver's key
         await asyncio.to_thread(wait_until, lambda: debug_vars(send_port)["remote_clients"]
                                 > before, 10, "route to the receiver")  # type: ignore[operator]
-    sink = Counter()
-    b._writer.transport.set_protocol(sink)  # type: ignore[attr-defined]
-    skip = len(b._reader._buffer)  # type: ignore[attr-defined]
-    sink.nbytes = skip
-    per = 32
-    chunk = F.encode_send_packet(b.public_key, os.urandom(size)) * per
-    frame_len = F.FRAME_HEADER_LEN + F.KEY_LEN + size
-    dt = await pump(a._writer.write, chunk, per, frame_len, total, window, sink, skip)
-    await a.close()
-    b._writer.transport.close()  # type: ignore[attr-defined]
-    return dt
+    return await relay_between(a, b, total, size, window)
 
 
 def main() -> None:

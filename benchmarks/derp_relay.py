@@ -136,6 +136,13 @@ async def bench_derp(port: int, server_key: bytes, total: int, size: int, window
     url = f"http://127.0.0.1:{port}/derp"
     a = await DerpClient.connect(url, bytes(PrivateKey.generate()), server_public_key=server_key)
     b = await DerpClient.connect(url, bytes(PrivateKey.generate()), server_public_key=server_key)
+    return await relay_between(a, b, total, size, window)
+
+
+async def relay_between(a: DerpClient, b: DerpClient, total: int, size: int, window: int
+                        ) -> float:
+    """Send ``total`` packets of ``size`` bytes from ``a`` to ``b`` and return the seconds it
+    took; closes both clients."""
     # Take over b's socket: count bytes straight from the transport.
     sink = Counter()
     b._writer.transport.set_protocol(sink)  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@
 127.0.0.1 (it makes itself a self-signed certificate); ``tailscale_derper`` runs Tailscale's real
 ``derper`` binary the same way. Their DERP map nodes say ``InsecureForTests: true`` with
 ``IPv4: 127.0.0.1`` and the listening ``DERPPort`` (the agent's DERP client does no plain HTTP
-unless told to).
+unless told to). ``inproc_derpers`` makes in-process derpers with any options and stops them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,30 @@ def cert_pin(certdir: str, host: str = "127.0.0.1") -> str:
     with open(os.path.join(certdir, f"{host}.crt")) as f:
         der = ssl.PEM_cert_to_DER_cert(f.read())
     return "sha256-raw:" + hashlib.sha256(der).hexdigest()
+
+
+@asynccontextmanager
+async def inproc_derpers(**defaults: Any) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``make(**options)``: start one of our derpers in this event loop (a fresh key, ``addr``
+    127.0.0.1:0, then ``defaults``, then ``options``, as ``DerperOptions``); every derper made is
+    stopped when the block ends."""
+    from nodeagent_derper.app import Derper, DerperOptions
+
+    made: list[Any] = []
+
+    async def make(**kw: Any) -> Any:
+        opts: dict[str, Any] = {"private_key": bytes(PrivateKey.generate()),
+                                "addr": "127.0.0.1:0", **defaults, **kw}
+        d = Derper(DerperOptions(**opts))
+        made.append(d)
+        await d.start()
+        return d
+
+    try:
+        yield make
+    finally:
+        for d in made:
+            await d.stop()
 
 
 class TLSDerper:

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from nodeagent.cli import core_commands
 from nodeagent.cli.registry import CLIContext, CLIError, CLIRegistry, load_feature_commands
-from nodeagent.errors import UserError
+from nodeagent.errors import run_command
 from nodeagent.localapi.server import SOCKET_ENV, default_socket_path
 from nodeagent.logconfig import configure_logging
 
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nodeagent: warning: feature CLI commands failed to load: {e}", file=sys.stderr)
     parser = build_parser(reg)
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def body() -> int:
         args = _passthrough(reg, argv) or parser.parse_args(argv)
         cmd = getattr(args, "_command", None)
         if cmd is None:
@@ -83,13 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         ctx = CLIContext(socket=getattr(args, "socket", None) or default_socket_path())
         return int(cmd.run(args, ctx) or 0)
-    except UserError as e:
-        print(f"nodeagent: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
+
+    return run_command("nodeagent", body)
 
 
 if __name__ == "__main__":

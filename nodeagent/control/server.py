@@ -2,7 +2,8 @@
 
 Owns the server process's state in memory (open map sessions, the active policy) on top of a
 ``Store``, and the node-facing HTTP/WebSocket endpoints described in ``nodeagent.control.proto``.
-Admin operations live in ``adminops`` (a mixin), their HTTP API in ``admin_routes``.
+Admin operations live in ``adminops`` (a mixin), their HTTP API in ``admin_routes``; the
+registration rules (auth keys, revoked keys, unique names) in ``registration``.
 
 Everything a node says about itself is checked by ``validate`` before it is stored or sent to
 peers (HTTP 400, or a fatal ``error`` on the map stream, naming the field). A registration is
@@ -35,10 +36,11 @@ from aiohttp import WSMsgType, web
 from nacl.public import PrivateKey
 
 from nodeagent.control import mapper, proto, validate
-from nodeagent.control.adminops import AdminError, AdminOps, hash_authkey
+from nodeagent.control.adminops import AdminError, AdminOps
 from nodeagent.control.policy import DEFAULT_POLICY_TEXT, Policy, PolicyError, parse_policy
+from nodeagent.control.registration import register
 from nodeagent.control.replay import NonceCache
-from nodeagent.control.store import AuthKeyRecord, NodeRecord, SQLiteStore, Store
+from nodeagent.control.store import SQLiteStore, Store
 from nodeagent.netguard import raise_nofile_limit, request_timeout, throttle_accept_errors
 
 log = logging.getLogger("nodeagent.control.server")
@@ -260,7 +262,8 @@ class ControlServer(AdminOps):
         except proto.ProtoError as e:
             return self._refuse_register(req, mkey, 400, str(e))
         try:
-            rec = self._register(env.machine_key.hex(), m)
+            rec = register(self.store, env.machine_key.hex(), m,
+                           key_expiry=self.cfg.key_expiry, now=time.time())
         except AdminError as e:
             return self._refuse_register(req, mkey, e.status, str(e))
         if rec.ephemeral and rec.id not in self.sessions:
@@ -277,69 +280,6 @@ class ControlServer(AdminOps):
         who = ("mkey:" + mkey.hex()[:16] + "…") if mkey is not None else "unknown machine"
         log.warning("registration from %s (%s) refused: %s", who, req.remote, text)
         return self._err(status, text)
-
-    def _register(self, mkey: str, m: dict[str, Any]) -> NodeRecord:
-        nkey = m["NodeKey"].hex()
-        now = time.time()
-        if self.store.node_key_revoked(nkey):
-            raise AdminError(403, "this node key was revoked when its node was deleted; log in "
-                                  "again with a new node key")
-        mine = self.store.node_by_machine(mkey)
-        other = self.store.node_by_node_key(nkey)
-        if other is not None and other.machine_key != mkey:
-            raise AdminError(403, "this node key is registered to another machine")
-        if mine is not None and mine.node_key == nkey and not mine.expired(now):
-            return mine  # already registered: no auth key needed, none consumed
-        auth = m["AuthKey"]
-        if not auth:
-            if mine is not None and mine.expired(now):
-                raise AdminError(401, "node key expired: log in again with an auth key")
-            raise AdminError(401, "this machine is not registered: an auth key is needed")
-        key = self._check_authkey(auth, now)
-        disco = (m.get("DiscoKey") or b"").hex()
-        expiry = 0.0 if key.tags or not self.cfg.key_expiry else now + self.cfg.key_expiry
-        if mine is None:
-            v4, v6 = self.store.addresses_for(mkey)
-            rec = NodeRecord(id=0, machine_key=mkey, node_key=nkey,
-                             name=self._unique_name(m["Hostname"], None),
-                             hostname=m["Hostname"], user=key.user, ipv4=v4, ipv6=v6,
-                             disco_key=disco, tags=list(key.tags), created=now,
-                             key_expiry=expiry, ephemeral=key.ephemeral, os=m["OS"])
-            rec = self.store.add_node(rec)
-        else:
-            rec = mine
-            rec.node_key, rec.user, rec.tags = nkey, key.user, list(key.tags)
-            rec.key_expiry, rec.ephemeral, rec.os = expiry, key.ephemeral, m["OS"]
-            rec.disco_key = disco or rec.disco_key
-            if m["Hostname"] != rec.hostname:
-                rec.hostname = m["Hostname"]
-                rec.name = self._unique_name(m["Hostname"], rec.id)
-            self.store.update_node(rec)
-        key.used += 1
-        self.store.update_authkey(key)
-        log.info("registered node %d %s (%s) for %s", rec.id, rec.name, rec.ipv4, key.user)
-        return rec
-
-    def _check_authkey(self, secret: str, now: float) -> AuthKeyRecord:
-        key = self.store.authkey_by_hash(hash_authkey(secret))
-        if key is None:
-            raise AdminError(401, "invalid auth key")
-        if key.revoked:
-            raise AdminError(401, "auth key has been revoked")
-        if key.expires and key.expires <= now:
-            raise AdminError(401, "auth key has expired")
-        if not key.reusable and key.used:
-            raise AdminError(401, "auth key was already used (create a --reusable one "
-                                  "for several nodes)")
-        return key
-
-    def _unique_name(self, hostname: str, own_id: int | None) -> str:
-        base = mapper.dns_label(hostname)
-        taken = {n.name for n in self.store.list_nodes() if n.id != own_id}
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}-{i}", i + 1
-        return name
 
     async def _h_map(self, req: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=proto.MAX_MESSAGE)

@@ -38,6 +38,7 @@ from nodeagent.derp.client import DerpClient, ReceivedPacket
 from nodeagent.derp.manager import (
     DerpDialError,
     derp_nodes,
+    describe_error,
     dial_node,
     node_addresses,
     node_label,
@@ -45,12 +46,12 @@ from nodeagent.derp.manager import (
     open_node_stream,
     plain_http_from_env,
 )
+from nodeagent.netcheck.report import V4, stun_target
 from nodeagent.tailcfg import DERPMap, DERPNode, DERPRegion
 
-__all__ = ["LOGINS", "Report", "check_region", "find_region"]
+__all__ = ["LOGINS", "Report", "check_region", "find_region", "stun_address"]
 
 LOGINS = 5  # DERP logins per node; their server keys must agree
-DEFAULT_STUN_PORT = 3478
 STEP_TIMEOUT = 5.0  # each connection, request, login or STUN query
 
 
@@ -229,7 +230,7 @@ class _Checker:
                 ok, what = await self._http_204(node, port80=port80)
             except (DerpDialError, OSError, TimeoutError, asyncio.IncompleteReadError,
                     asyncio.LimitOverrunError) as e:
-                why = e.reason if isinstance(e, DerpDialError) else _short(e)
+                why = e.reason if isinstance(e, DerpDialError) else describe_error(e)
                 ok, what = False, f"failed: {why}"
             line = f"{label}: GET /generate_204 over {how} {what}"
             (rep.Info if ok else rep.Warnings).append(line)
@@ -283,7 +284,7 @@ class _Checker:
                                   f"{self.timeout:g}s")
                 return
             except (OSError, ConnectionError, ValueError) as e:
-                rep.Errors.append(f"Packet round trip {where} failed: {_short(e)}")
+                rep.Errors.append(f"Packet round trip {where} failed: {describe_error(e)}")
                 return
             ms = (time.perf_counter() - t0) * 1000
             rep.Info.append(f"Packet round trip {where} between two temporary clients: "
@@ -300,27 +301,37 @@ class _Checker:
         if node.STUNPort < 0:
             rep.Info.append(f"{label}: STUN disabled in the DERP map (STUNPort < 0)")
             return
-        port = node.STUNPort or DEFAULT_STUN_PORT
-        host = node.STUNTestIP
-        if not host:
-            try:
-                addrs = await node_addresses(node, socket.AF_INET)
-            except OSError as e:
-                rep.Errors.append(f"{label}: STUN not tried: {e}")
-                return
-            if not addrs:
-                rep.Warnings.append(f"{label}: STUN not tried: no IPv4 address")
-                return
-            host = addrs[0]
+        try:
+            where = await stun_address(node)
+        except OSError as e:
+            rep.Errors.append(f"{label}: STUN not tried: {e}")
+            return
+        if where is None:
+            rep.Warnings.append(f"{label}: STUN not tried: no IPv4 address")
+            return
+        host, port = where
         try:
             (ip, mport), rtt = await stun_query(host, port, timeout=self.timeout,
                                                 family=socket.AF_INET)
         except (OSError, TimeoutError) as e:
             rep.Errors.append(f"{label}: STUN request to {host} port {port} failed: "
-                              f"{_short(e)}")
+                              f"{describe_error(e)}")
             return
         rep.Info.append(f"{label}: STUN to {host} port {port} answered in "
                         f"{rtt * 1000:.1f} ms; this host is {ip}:{mport} from there")
+
+
+async def stun_address(node: DERPNode) -> tuple[str, int] | None:
+    """Where an IPv4 STUN request to ``node`` goes, as (IP, port): netcheck's target
+    (``STUNTestIP``, a forced or literal IPv4, else ``HostName`` resolved); None when the node
+    has no IPv4 STUN address. OSError when ``HostName`` does not resolve. derpprobe uses it too."""
+    target = stun_target(node, V4)
+    if target is None:
+        return None
+    if not target.resolve:
+        return target.host, target.port
+    addrs = await node_addresses(node, socket.AF_INET)
+    return (addrs[0], target.port) if addrs else None
 
 
 async def _one_way(src: DerpClient, dst: DerpClient) -> None:
@@ -348,13 +359,3 @@ async def _one_way(src: DerpClient, dst: DerpClient) -> None:
 
 def _with_port(node: DERPNode, port: int) -> DERPNode:
     return dataclasses.replace(node, DERPPort=port)
-
-
-def _short(e: BaseException) -> str:
-    if isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(e, OSError) and e.errno:
-        return os.strerror(e.errno)
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return " ".join(str(e).split()) or type(e).__name__

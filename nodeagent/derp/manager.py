@@ -79,6 +79,7 @@ __all__ = [
     "RegionStatus",
     "backoff_delay",
     "derp_nodes",
+    "describe_error",
     "dial_node",
     "dial_region",
     "node_addresses",
@@ -243,9 +244,13 @@ def _check_pin(node: DERPNode, writer: asyncio.StreamWriter) -> None:
             f"(got {got[:16] or 'none'}..., want {want[:16]}...)")
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """One line for a failed dial or exchange with a DERP node (also used by the region check
+    and derpprobe): the OS's text for an errno, the TLS reason, else the exception's text."""
     if isinstance(e, TimeoutError):
-        return "timed out"
+        if e.errno:
+            return os.strerror(e.errno)
+        return " ".join(str(e).split()) or "timed out"
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"TLS certificate not accepted: {getattr(e, 'verify_message', None) or e}"
     if isinstance(e, ssl.SSLError):
@@ -299,7 +304,7 @@ async def _race_tcp(targets: list[tuple[int, str]], port: int,
             s.close()
             if isinstance(e, OSError):
                 where = f"[{ip}]:{port}" if fam == socket.AF_INET6 else f"{ip}:{port}"
-                errors.append(f"{where}: {_describe(e)}")
+                errors.append(f"{where}: {describe_error(e)}")
             raise
         return s
 
@@ -347,7 +352,7 @@ async def _dial_families(node: DERPNode, families: tuple[int, ...], port: int,
         try:
             ips = await node_addresses(node, fam)
         except OSError as e:
-            resolve_errors.append(_describe(e))
+            resolve_errors.append(describe_error(e))
             raise
         if not ips:
             raise OSError("no address of this family")
@@ -409,12 +414,12 @@ async def open_node_stream(node: DERPNode, *, family: int | None = None,
             ssl_handshake_timeout=tls_timeout, limit=_READ_LIMIT)
     except (OSError, ssl.SSLError, TimeoutError) as e:
         sock.close()
-        raise DerpDialError(node_label(node), _describe(e)) from None
+        raise DerpDialError(node_label(node), describe_error(e)) from None
     try:
         _check_pin(node, writer)
     except ssl.SSLError as e:
         writer.close()
-        raise DerpDialError(node_label(node), _describe(e)) from None
+        raise DerpDialError(node_label(node), describe_error(e)) from None
     return reader, writer
 
 
@@ -450,7 +455,7 @@ async def dial_node(node: DERPNode, private_key: bytes, *, family: int | None = 
         raise
     except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError,
             asyncio.LimitOverrunError, F.ProtocolError, ValueError) as e:
-        raise DerpDialError(node_label(node), f"DERP login failed: {_describe(e)}") from None
+        raise DerpDialError(node_label(node), f"DERP login failed: {describe_error(e)}") from None
 
 
 async def dial_region(region: DERPRegion, private_key: bytes, *, plain_http: bool = False,
@@ -885,7 +890,7 @@ class DerpManager:
                     raise
                 except Exception as e:
                     self._count(r.id, "connect_errors")
-                    msg = str(e) if isinstance(e, DerpDialError) else _describe(e)
+                    msg = str(e) if isinstance(e, DerpDialError) else describe_error(e)
                     if r.failures == 0 or msg != r.last_error:
                         log.info("DERP region %d: %s", r.id, msg)
                     self._failed(r, msg)
@@ -898,7 +903,7 @@ class DerpManager:
             raise
         except Exception as e:  # a bug: say so, leave the region idle until the next send
             log.exception("DERP region %d: connection task failed", r.id)
-            r.last_error = f"internal error: {_describe(e)}"
+            r.last_error = f"internal error: {describe_error(e)}"
         finally:
             if r.task is asyncio.current_task():
                 r.task = None
@@ -953,7 +958,7 @@ class DerpManager:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            error = f"write failed: {_describe(e)}"
+            error = f"write failed: {describe_error(e)}"
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -1017,7 +1022,7 @@ class DerpManager:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            r.reader_error = _describe(e)
+            r.reader_error = describe_error(e)
         finally:
             r.reader_done = True
             r.wake.set()

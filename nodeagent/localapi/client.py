@@ -6,10 +6,12 @@ Every failure a user can cause (no agent, no socket, no permission, an error ans
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import json
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from nodeagent.errors import UserError
@@ -22,6 +24,28 @@ class LocalAPIError(UserError):
         super().__init__(message)
         self.status = status
         self.body = body
+
+
+def _full_path(path: str) -> str:
+    return path if path.startswith("/") else "/localapi/v0/" + path
+
+
+def _send(conn: http.client.HTTPConnection, method: str, path: str,
+          body: Any) -> http.client.HTTPResponse:
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    conn.request(method, path, body=data, headers=headers)
+    return conn.getresponse()
+
+
+def _answer_error(path: str, status: int, data: bytes) -> LocalAPIError:
+    """The one-line error for an error answer (its JSON ``error`` field, else its text)."""
+    try:
+        obj = json.loads(data) if data else None
+    except ValueError:
+        obj = None
+    msg = obj.get("error") if isinstance(obj, dict) else data.decode(errors="replace").strip()
+    return LocalAPIError(f"{path}: {status}: {msg}".strip(), status, obj)
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -47,15 +71,37 @@ class LocalAPIClient:
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes, str]:
         """Send one request; return (status, body bytes, content type)."""
-        if not path.startswith("/"):
-            path = "/localapi/v0/" + path
+        path = _full_path(path)
         conn = _UnixHTTPConnection(self.socket_path, self.timeout)
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, resp.read(), resp.getheader("Content-Type", "")
+            with self._user_errors():
+                resp = _send(conn, method, path, body)
+                return resp.status, resp.read(), resp.getheader("Content-Type", "")
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str,
+               body: Any = None) -> Iterator[http.client.HTTPResponse]:
+        """Open a request whose answer is read as it arrives (a watch stream) and yield the
+        response once it answered below 400; an error answer raises :class:`LocalAPIError`.
+        Each read of the body waits at most ``timeout``; the caller maps its own read errors."""
+        path = _full_path(path)
+        conn = _UnixHTTPConnection(self.socket_path, self.timeout)
+        try:
+            with self._user_errors():
+                resp = _send(conn, method, path, body)
+                if resp.status >= 400:
+                    raise _answer_error(path, resp.status, resp.read())
+            yield resp
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _user_errors(self) -> Iterator[None]:
+        """Turn the failures of reaching the agent into one-line :class:`LocalAPIError`s."""
+        try:
+            yield
         except FileNotFoundError:
             raise LocalAPIError(
                 f"no agent socket at {self.socket_path} (is `nodeagent up` running?)"
@@ -74,8 +120,6 @@ class LocalAPIClient:
             raise LocalAPIError(f"cannot talk to agent at {self.socket_path}: {e}") from None
         except http.client.HTTPException as e:
             raise LocalAPIError(f"bad answer from agent at {self.socket_path}: {e}") from None
-        finally:
-            conn.close()
 
     def json(self, method: str, path: str, body: Any = None) -> Any:
         status, data, _ = self.request(method, path, body)
@@ -84,8 +128,7 @@ class LocalAPIClient:
         except ValueError:
             obj = None
         if status >= 400:
-            msg = obj.get("error") if isinstance(obj, dict) else data.decode(errors="replace")
-            raise LocalAPIError(f"{path}: {status}: {msg}".strip(), status, obj)
+            raise _answer_error(path, status, data)
         if obj is None and data:
             raise LocalAPIError(f"{path}: answer is not JSON")
         return obj

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import socket
@@ -21,47 +20,18 @@ from pathlib import Path
 import pytest
 from nacl.public import PrivateKey
 
+from tests.derperproc import (
+    DERPER,
+    ENV,
+    assert_one_line_error,
+    popen_dev_derper,
+    run_derper,
+    wait_http,
+)
+from tests.derptls import free_port
 from tests.netns import make_netns, popen_in_netns, run_in_netns, skip_unless_netns, veth_pair
 
 pytestmark = pytest.mark.feature("derper")
-
-ENV = {**os.environ, "NO_PROXY": "*"}  # the installed nodeagent_derper, never a checkout path
-DERPER = [sys.executable, "-m", "nodeagent_derper.cli"]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_derper(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*DERPER, *args], capture_output=True, text=True, timeout=timeout,
-                          env=ENV)
-
-
-def assert_one_line_error(r: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
-    assert r.returncode == code, (r.returncode, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("derper: "), r.stderr
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in r.stderr
-
-
-def wait_http(url: str, proc: subprocess.Popen[str] | None, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            err = proc.stderr.read() if proc.stderr else ""
-            raise AssertionError(f"derper exited early: {err}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except (OSError, urllib.error.URLError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)  # polling for readiness with a deadline
-
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
     proc.send_signal(sig)
@@ -152,9 +122,7 @@ def test_version_and_nodeagent_hook() -> None:
 
 def test_dev_smoke_204_derp_varz_sigterm() -> None:
     port, stun_port = free_port(), free_port(socket.SOCK_DGRAM)
-    proc = subprocess.Popen([*DERPER, "--dev", "-a", f"127.0.0.1:{port}", "--stun-port",
-                             str(stun_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+    proc = popen_dev_derper(port, stun_port, stdout=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/derp/probe", proc)

@@ -24,35 +24,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from nacl.public import PrivateKey
 
+from tests.derptls import inproc_derpers
+
 pytestmark = pytest.mark.feature("derper")
-
-
-def make_opts(**kw: Any) -> Any:
-    from nodeagent_derper.app import DerperOptions
-
-    base: dict[str, Any] = {"private_key": bytes(PrivateKey.generate()),
-                            "addr": "127.0.0.1:0", "stun_port": 0, "http_port": 0}
-    base.update(kw)
-    return DerperOptions(**base)
 
 
 @pytest_asyncio.fixture
 async def derper_factory() -> AsyncIterator[Callable[..., Any]]:
-    from nodeagent_derper.app import Derper
-
-    made: list[Any] = []
-
-    async def make(**kw: Any) -> Any:
-        d = Derper(make_opts(**kw))
-        made.append(d)
-        await d.start()
-        return d
-
-    try:
+    async with inproc_derpers(stun_port=0, http_port=0) as make:
         yield make
-    finally:
-        for d in made:
-            await d.stop()
 
 
 async def get(url: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_derper_cli import (
-    DERPER,
+from tests.derperproc import (
     ENV,
     assert_one_line_error,
-    free_port,
+    popen_dev_derper,
     run_derper,
     wait_http,
 )
+from tests.derptls import free_port
 from tests.procutil import stop
 
 pytestmark = pytest.mark.feature("derper")
@@ -26,9 +25,7 @@ pytestmark = pytest.mark.feature("derper")
 
 def test_second_derper_on_a_busy_stun_port_fails_and_home_names_the_listener() -> None:
     port, stun = free_port(), free_port(socket.SOCK_DGRAM)
-    proc = subprocess.Popen([*DERPER, "--dev", "-a", f"127.0.0.1:{port}", "--stun-port",
-                             str(stun)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+    proc = popen_dev_derper(port, stun)
     try:
         wait_http(f"http://127.0.0.1:{port}/generate_204", proc)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
@@ -53,8 +50,7 @@ def test_derper_logs_under_journald_carry_priority_not_timestamp(tmp_path: Path)
     with open(log, "w") as f:
         st = os.fstat(f.fileno())
         env = {**ENV, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", "DERPER_LOG": "info"}
-        proc = subprocess.Popen([*DERPER, "--dev", "-a", f"127.0.0.1:{port}", "--stun-port",
-                                 "0"], stdout=subprocess.DEVNULL, stderr=f, text=True, env=env)
+        proc = popen_dev_derper(port, 0, stderr=f, env=env)
         try:
             wait_http(f"http://127.0.0.1:{port}/generate_204", proc)
         finally:

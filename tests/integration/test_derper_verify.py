@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ import pytest_asyncio
 from aiohttp import web
 from nacl.public import PrivateKey
 
+from tests.derptls import free_port, inproc_derpers
 from tests.inproc_tailnet import InprocTailnet, inproc_tailnet
 
 pytestmark = [pytest.mark.feature("derper"), pytest.mark.timeout(90)]
@@ -35,31 +35,11 @@ pytestmark = [pytest.mark.feature("derper"), pytest.mark.timeout(90)]
 UNKNOWN = "does not admit this node key: not in its tailnet"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest_asyncio.fixture
 async def derper_factory() -> AsyncIterator[Callable[..., Any]]:
-    from nodeagent_derper.app import Derper, DerperOptions
-
-    made: list[Any] = []
-
-    async def make(**kw: Any) -> Any:
-        opts = DerperOptions(private_key=bytes(PrivateKey.generate()), addr="127.0.0.1:0",
-                             stun=False, http_port=-1, dev=False, certmode="letsencrypt", **kw)
-        d = Derper(opts)
-        made.append(d)
-        await d.start()
-        return d
-
-    try:
+    async with inproc_derpers(stun=False, http_port=-1, dev=False,
+                              certmode="letsencrypt") as make:
         yield make
-    finally:
-        for d in made:
-            await d.stop()
 
 
 @pytest_asyncio.fixture

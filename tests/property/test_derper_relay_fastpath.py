@@ -84,7 +84,7 @@ def frames(draw: Any) -> bytes:
 
 
 def _login(srv: Any, key: bytes) -> tuple[Any, _Transport]:
-    from nodeagent_derper.server_conn import RawConn
+    from nodeagent_derper.server_raw import RawConn
 
     t = _Transport()
     c = RawConn(srv, t, None, False)  # type: ignore[arg-type]

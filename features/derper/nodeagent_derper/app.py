@@ -4,7 +4,8 @@ Owns ``DerperOptions`` (the resolved command line) and ``Derper``, which binds t
 (TLS when the port is 443 or ``--certmode manual``, Tailscale's rule; plain HTTP otherwise), the
 plain ``--http-port`` listener in TLS mode, the STUN sockets, the accept-rate limiter, the ACME
 renewal and bootstrap-DNS tasks, and stops them all in order (the relay last announces a restart
-to its clients). The DERP relay itself is ``nodeagent_derper.server.DerpServer``.
+to its clients). The DERP relay itself is ``nodeagent_derper.server.DerpServer``; the listening
+and accepted TCP sockets are set up by :mod:`nodeagent_derper.listen`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ from nodeagent_derper.certs import (
     is_ip,
 )
 from nodeagent_derper.debug import DebugHandlers
+from nodeagent_derper.listen import (
+    DEFAULT_TCP_KEEPALIVE,
+    DEFAULT_TCP_USER_TIMEOUT,
+    listen_sockets,
+    split_hostport,
+    tune_accepted,
+)
 from nodeagent_derper.metrics import DerperMetrics
 from nodeagent_derper.server import DEFAULT_WRITE_TIMEOUT
 from nodeagent_derper.stun_ratelimit import (
@@ -46,6 +54,7 @@ from nodeagent_derper.stun_ratelimit import (
     DEFAULT_GLOBAL_RATE,
     DEFAULT_RATE,
     StunRateLimits,
+    TokenBucket,
 )
 from nodeagent_derper.stun_server import start_stun
 from nodeagent_derper.verify import Admission, build_admission
@@ -58,12 +67,6 @@ HANDSHAKE_TIMEOUT = 10.0
 # TLS handshakes and DERP handshakes in progress). Logged-in clients do not count, so a whole
 # office behind one NAT is fine; a stranger holding sockets open is not.
 DEFAULT_MAX_PENDING_PER_IP = 256
-# Tailscale's --tcp-keepalive-time / --tcp-user-timeout defaults. As Tailscale's derper (Go's
-# keep-alive settings), probes then go every 15 s and 9 unanswered ones end the connection.
-DEFAULT_TCP_KEEPALIVE = 600.0
-DEFAULT_TCP_USER_TIMEOUT = 15.0
-KEEPALIVE_INTERVAL = 15
-KEEPALIVE_COUNT = 9
 
 
 class StartupError(Exception):
@@ -108,98 +111,12 @@ class DerperOptions:
     verify_client_url_fail_open: bool = True
 
 
-def split_hostport(addr: str) -> tuple[str, int]:
-    """``":443"``, ``"host:80"``, ``"[::1]:3340"`` → (host, port); ValueError if unusable."""
-    host, sep, port_s = addr.rpartition(":")
-    if not sep:
-        raise ValueError(f"listen address {addr!r}: want [host]:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"listen address {addr!r}: put IPv6 addresses in brackets")
-    if port_s == "https":
-        port_s = "443"
-    elif port_s == "http":
-        port_s = "80"
-    if not port_s.isdigit() or int(port_s) > 65535:
-        raise ValueError(f"listen address {addr!r}: bad port {port_s!r}")
-    return host, int(port_s)
-
-
 def uses_tls(opts: DerperOptions) -> bool:
     """Tailscale's rule: HTTPS iff the listen port is 443 or certmode is manual (not in --dev)."""
     if opts.dev:
         return False
     _, port = split_hostport(opts.addr)
     return port == 443 or opts.certmode == "manual"
-
-
-class TokenBucket:
-    """Accept-rate limiter: ``rate`` tokens per second up to ``burst``."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-def tune_accepted(conn: socket.socket, keepalive: float, user_timeout: float) -> None:
-    """``--tcp-keepalive-time`` and ``--tcp-user-timeout`` on an accepted socket (0 = leave
-    keep-alive off / the kernel's user timeout)."""
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
-        if keepalive > 0:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(keepalive)))
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-        if user_timeout > 0:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                            max(1, round(user_timeout * 1000)))
-
-
-def _listen_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening TCP sockets for ``host`` ("" = every address, dual-stack when possible)."""
-    if host == "localhost":
-        targets = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
-    elif host in ("", "*"):
-        targets = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
-    else:
-        targets = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
-    out: list[socket.socket] = []
-    errors: list[str] = []
-    for fam, h in targets:
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if fam == socket.AF_INET6:
-                # The wildcard is dual-stack; a named IPv6 address only serves itself.
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if h == "::" else 1)
-            s.bind((h, port))
-            s.listen(1024)
-            s.setblocking(False)
-        except OSError as e:
-            s.close()
-            errors.append(f"{h}:{port}: {e.strerror}")
-            continue
-        out.append(s)
-        if port == 0:
-            port = s.getsockname()[1]
-        if h == "::":
-            break  # dual-stack socket covers IPv4 too
-    if not out:
-        raise StartupError(f"cannot listen on TCP {'; '.join(errors)}")
-    return out
 
 
 class Derper:
@@ -397,7 +314,7 @@ class Derper:
                                          lsock.getsockname()[:2], e.strerror or e)
                 await asyncio.sleep(0.1)
                 continue
-            if limited and self._bucket is not None and not self._bucket.take():
+            if limited and self._bucket is not None and not self._bucket.take(time.monotonic()):
                 self.metrics.rejected.inc()
                 conn.close()
                 continue
@@ -423,7 +340,7 @@ class Derper:
                                keepalive_timeout=request_timeout(), tcp_keepalive=False)
         await runner.setup()
         self._runners.append(runner)
-        socks = _listen_sockets(host, port)
+        socks = listen_sockets(host, port)
         self._listeners.extend(socks)
         factory: Any = runner.server
         if wrap_derp and self._derp is not None and hasattr(self._derp, "wrap_protocol_factory"):

@@ -23,7 +23,8 @@ from aiohttp import web
 from nacl.public import PrivateKey
 
 from nodeagent.derp import frames as F
-from nodeagent_derper.server_conn import Conn, RawConn
+from nodeagent_derper.server_conn import Conn
+from nodeagent_derper.server_raw import RawConn
 from nodeagent_derper.server_relay import tune_malloc
 from nodeagent_derper.server_sniff import SniffProtocol
 from nodeagent_derper.server_stats import DerpCollector

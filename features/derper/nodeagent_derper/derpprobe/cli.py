@@ -4,26 +4,28 @@ round printed as a table (``--once``) or the service (page and metrics on ``--li
 Flags are accepted Go-style too (``-once``, ``-derp-map=...``). Every operator error — a bad
 flag, an unreadable or malformed map, an address that cannot be bound — is one line
 ``derpprobe: <what>``; exit status 2 for usage, 1 for runtime errors and for ``--once`` when
-any probe failed, 0 otherwise.
+any probe failed, 0 otherwise. Logging is :mod:`nodeagent.logconfig`'s (``$DERPPROBE_LOG``
+names the level).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 from typing import NoReturn
 
-from nodeagent.errors import UserError
+from nodeagent.errors import UserError, run_command
 from nodeagent.localapi.server import SOCKET_ENV, default_socket_path
-from nodeagent_derper.app import split_hostport
+from nodeagent.logconfig import configure_logging
 from nodeagent_derper.cli import go_style, parse_duration
 from nodeagent_derper.derpprobe.mapload import LOCAL, check_source, load_derp_map
+from nodeagent_derper.listen import split_hostport
 
 PROG = "derpprobe"
+LOG_ENV = "DERPPROBE_LOG"
 DEFAULT_LISTEN = ":8030"
 DEFAULT_INTERVAL = 15.0  # seconds between the starts of two rounds
 DEFAULT_TIMEOUT = 5.0  # each step of a probe (a dial, a handshake, a packet's return)
@@ -127,24 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     ns.socket = ns.socket or default_socket_path()
-    level = logging.INFO if ns.verbose or not ns.once else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    # Timestamps, or journald's <priority> under systemd; $DERPPROBE_LOG overrides the level.
+    configure_logging(LOG_ENV, "INFO" if ns.verbose or not ns.once else "WARNING")
     if not ns.verbose:
         logging.getLogger("aiohttp").setLevel(logging.WARNING)
-    try:
-        if ns.once:
-            return asyncio.run(_once(ns))
-        return asyncio.run(_service(ns, host, port))
-    except UserError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        with contextlib.suppress(OSError):
-            sys.stderr.close()
-        return 1
+    if ns.once:
+        return run_command(PROG, lambda: asyncio.run(_once(ns)))
+    return run_command(PROG, lambda: asyncio.run(_service(ns, host, port)))
 
 
 if __name__ == "__main__":

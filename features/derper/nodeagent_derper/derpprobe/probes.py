@@ -30,7 +30,6 @@ import contextlib
 import datetime as dt
 import os
 import socket
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +37,13 @@ from typing import Any
 from nacl.public import PrivateKey
 
 from nodeagent.derp.client import DerpClient, ReceivedPacket
+from nodeagent.derp.debugcheck import stun_address
 from nodeagent.derp.frames import ProtocolError
 from nodeagent.derp.manager import (
     DerpDialError,
     derp_nodes,
+    describe_error,
     dial_node,
-    node_addresses,
     open_node_stream,
 )
 from nodeagent.tailcfg import DERPMap, DERPNode, DERPRegion
@@ -56,7 +56,6 @@ TLS, LOGIN, STUN, PACKET, MESH = "tls", "login", "stun", "packet", "mesh"
 PROBES = (LOGIN, MESH, STUN, PACKET, TLS)  # display order
 OK, FAIL, SKIP = "ok", "fail", "skip"
 EXPIRES_SOON_DAYS = 7.0
-DEFAULT_STUN_PORT = 3478
 RESEND_INTERVAL = 0.1
 _PAYLOAD_TAG = b"nodeagent-derpprobe "
 
@@ -237,7 +236,7 @@ class _Region:
                                     error=f"packet {leg} did not arrive within "
                                           f"{self.timeout:g}s")
             except (OSError, ValueError, ProtocolError) as e:
-                return self._result(a, probe, FAIL, peer=peer, error=_short(e))
+                return self._result(a, probe, FAIL, peer=peer, error=describe_error(e))
             return self._result(a, probe, OK, peer=peer, latency=time.perf_counter() - t0)
         finally:
             for c in clients:
@@ -246,20 +245,17 @@ class _Region:
     async def _stun(self, node: DERPNode) -> ProbeResult:
         from nodeagent.stun.client import stun_query
 
-        port = node.STUNPort or DEFAULT_STUN_PORT
-        host = node.STUNTestIP
-        if not host:
-            try:
-                addrs = await node_addresses(node, socket.AF_INET)
-            except OSError as e:
-                return self._result(node, STUN, FAIL, error=_short(e))
-            if not addrs:
-                return self._result(node, STUN, SKIP, error="no IPv4 address")
-            host = addrs[0]
+        try:
+            where = await stun_address(node)
+        except OSError as e:
+            return self._result(node, STUN, FAIL, error=describe_error(e))
+        if where is None:
+            return self._result(node, STUN, SKIP, error="no IPv4 address")
+        host, port = where
         try:
             _, rtt = await stun_query(host, port, timeout=self.timeout, family=socket.AF_INET)
         except (OSError, TimeoutError, ValueError) as e:
-            return self._result(node, STUN, FAIL, error=f"{host} port {port}: {_short(e)}")
+            return self._result(node, STUN, FAIL, error=f"{host} port {port}: {describe_error(e)}")
         return self._result(node, STUN, OK, latency=rtt)
 
 
@@ -295,15 +291,3 @@ async def _deliver(src: DerpClient, dst: DerpClient) -> None:
 async def _close(c: DerpClient) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(c.close(), 2)
-
-
-def _short(e: BaseException) -> str:
-    if isinstance(e, TimeoutError):
-        return " ".join(str(e).split()) or "timed out"
-    if isinstance(e, ssl.SSLError):
-        return f"TLS error: {e.reason or e}"
-    if isinstance(e, OSError) and e.errno:
-        return os.strerror(e.errno)
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return " ".join(str(e).split()) or type(e).__name__
