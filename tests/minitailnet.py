@@ -95,16 +95,18 @@ class MiniTailnet:
                                       os.path.join(self.dir, "control")], timeout=30)
 
 
-def _start_agent(t: MiniTailnet, a: MiniAgent) -> None:
+def start_agent(a: MiniAgent, url: str, key: str, timeout: float = 30) -> None:
+    """``nodeagent up`` for ``a`` in its namespace, logging in to ``url`` with ``key``; returns
+    once its LocalAPI answers (``a.proc`` is set first, so the caller's cleanup stops it)."""
     with open(os.path.join(a.dir, "agent.log"), "a") as logf:
         a.proc = popen_in_netns(a.ns, [*nodeagent_cmd(), "up", "--socket", a.sock,
                                        "--state-dir", os.path.join(a.dir, "state"), "--tun",
-                                       "na0", "--hostname", a.name, "--login-server", t.url,
-                                       "--auth-key", t.key],
+                                       "na0", "--hostname", a.name, "--login-server", url,
+                                       "--auth-key", key],
                                 stdout=logf, stderr=subprocess.STDOUT)
     proc = a.proc
     try:
-        wait(lambda: proc.poll() is not None or _answers(a.sock), 30, f"{a.name} LocalAPI")
+        wait(lambda: proc.poll() is not None or _answers(a.sock), timeout, f"{a.name} LocalAPI")
         assert proc.poll() is None, f"agent {a.name} exited with {proc.returncode}"
     except AssertionError as e:
         raise AssertionError(f"{e}; the end of its log:\n{a.log_tail()}") from None
@@ -146,7 +148,7 @@ def mini_tailnet() -> Iterator[MiniTailnet]:
             ad = os.path.join(d, name)
             os.makedirs(ad)
             t.agents[name] = MiniAgent(name, ns, ad)
-            _start_agent(t, t.agents[name])
+            start_agent(t.agents[name], t.url, t.key)
         for a in t.agents.values():
             try:
                 wait(lambda a=a: _sees_peers(a, 1), 40, f"{a.name} running with its peer online")

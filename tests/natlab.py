@@ -193,17 +193,16 @@ def _sysctl(ns: str, *settings: str) -> None:
         raise NatlabError(f"sysctl in {ns}: {r.stderr.strip()}")
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``cond`` until it returns something true (returned); ``TimeoutError`` naming
-    ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``cond`` (the demo's loop: ``nodeagent.demo.lab.wait_until``) until it returns
+    something true (returned); ``TimeoutError`` naming ``what`` after ``timeout`` s."""
+    from nodeagent.demo.lab import DemoError
+    from nodeagent.demo.lab import wait_until as poll
+
+    try:
+        return poll(cond, timeout, what)
+    except DemoError as e:
+        raise TimeoutError(str(e)) from None
 
 
 def _tail(path: Path, n: int = 4000) -> str:

@@ -17,7 +17,7 @@ no DERP map, no such region (given by ID or code) or no node in it. Otherwise, f
 - Every node: one IPv4 STUN binding request (``STUNTestIP`` when set; skipped when
   ``STUNPort`` is negative). No answer is an Error.
 
-Dialling follows :mod:`nodeagent.derp.manager` (forced addresses, TLS verification, the plain
+Dialling follows :mod:`nodeagent.derp.dial` (forced addresses, TLS verification, the plain
 HTTP knob for development derpers).
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 from nacl.public import PrivateKey
 
 from nodeagent.derp.client import DerpClient, ReceivedPacket
-from nodeagent.derp.manager import (
+from nodeagent.derp.dial import (
     DerpDialError,
     derp_nodes,
     describe_error,

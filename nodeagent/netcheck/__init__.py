@@ -1,10 +1,11 @@
 """netcheck: what the network looks like from this host — UDP, the mapped addresses, latency to
 each DERP region and the home region (Tailscale's ``net/netcheck``).
 
-``report`` is the sans-IO core (the Report, probe plans, bookkeeping, PreferredDERP with history,
-the CLI's text form); ``client`` is the asyncio adapter (``run_netcheck``, ``NetcheckClient``,
-the ``StunTransport`` seam). The names re-exported here load on first use, so importing the
-package or ``report`` never imports asyncio.
+``report`` is the sans-IO core (the Report and its bookkeeping; with ``plan``: STUN targets and
+probe plans, ``history``: PreferredDERP with history, ``text``: the CLI's text form);
+``client`` is the asyncio adapter (``run_netcheck``, ``NetcheckClient``, the ``StunTransport``
+seam). The names re-exported here load on first use, so importing the package or ``report``
+never imports asyncio.
 """
 
 from __future__ import annotations

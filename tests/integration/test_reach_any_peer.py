@@ -163,7 +163,7 @@ def unresolvable_hostnames(lab: NatLab) -> str:
 
 def wait_for(net: Net, cond: Any, timeout: float, what: str) -> Any:
     try:
-        return wait_until(cond, timeout, what, interval=0.1)
+        return wait_until(cond, timeout, what)
     except TimeoutError as e:
         raise AssertionError(f"{e}\n{net.diagnostics()}") from None
 

@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,9 +33,11 @@ from typing import Any
 
 import pytest
 
+from tests import minitailnet
 from tests.agentutil import localapi, nodeagent_cmd, public_tempdir
 from tests.dataplane import connect, listening
-from tests.netns import create_netns, netns_available, popen_in_netns, remove_netns, tun_available
+from tests.minitailnet import MiniAgent, wait
+from tests.netns import create_netns, netns_available, remove_netns, tun_available
 from tests.procutil import stop
 from tests.wgnet import ping, run_in
 
@@ -63,25 +64,16 @@ POLICY_NO_ATTR = POLICY_OPEN.replace('"nodeAttrs": [{"target": ["*"], "attr": '
 
 
 @dataclass
-class Agent:
-    name: str
-    ns: str
-    dir: str
-    proc: subprocess.Popen[Any] | None = None
+class Agent(MiniAgent):
     ip4: str = ""
 
-    @property
-    def sock(self) -> str:
-        return os.path.join(self.dir, "na.sock")
-
     def api(self, path: str, method: str = "GET") -> Any:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"agent {self.name} exited with {self.proc.returncode}; the "
+                                 f"end of its log:\n{self.log_tail()}")
         st, body = asyncio.run(localapi(self.sock, method, f"/localapi/v0/{path}"))
         assert st == 200, (path, st, body)
         return body
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*nodeagent_cmd(), *args, "--socket", self.sock],
-                              capture_output=True, text=True, timeout=30)
 
 
 @dataclass
@@ -151,36 +143,7 @@ def start_control(d: str, port: int) -> subprocess.Popen[Any]:
 
 
 def start_agent(t: Tailnet, a: Agent) -> None:
-    with open(os.path.join(a.dir, "agent.log"), "a") as logf:
-        a.proc = popen_in_netns(a.ns, [*nodeagent_cmd(), "up", "--socket", a.sock,
-                                       "--state-dir", os.path.join(a.dir, "state"), "--tun",
-                                       "na0", "--hostname", a.name, "--login-server", t.url,
-                                       "--auth-key", t.key],
-                                stdout=logf, stderr=subprocess.STDOUT)
-    proc = a.proc
-    try:
-        wait(lambda: _answers(a.sock) or proc.poll() is not None, 20, f"{a.name} LocalAPI")
-        assert proc.poll() is None, f"agent {a.name} exited with {proc.returncode}"
-    except AssertionError as e:
-        with open(os.path.join(a.dir, "agent.log")) as f:
-            raise AssertionError(f"{e}; the end of its log:\n{f.read()[-3000:]}") from None
-
-
-def _answers(sock: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(sock)  # a stale file from a killed agent refuses; a live one accepts
-            return True
-        except OSError:
-            return False
-
-
-def wait(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+    minitailnet.start_agent(a, t.url, t.key, timeout=20)
 
 
 def peer_names(a: Agent) -> set[str]:
@@ -350,7 +313,7 @@ def test_rejects_recorded_both_sides_and_over_c2n(tailnet: Tailnet) -> None:
     n1, n2 = tailnet.agents["n1"], tailnet.agents["n2"]
 
     def outgoing_to_n2_22() -> list[dict[str, Any]]:
-        r = n1.cli("debug", "rejects", "--json")
+        r = n1.nodeagent("debug", "rejects", "--json")
         assert r.returncode == 0, r.stderr
         return [e for e in json.loads(r.stdout)["Outgoing"] if e["Dst"] == f"{n2.ip4}:22"]
 
@@ -367,7 +330,7 @@ def test_rejects_recorded_both_sides_and_over_c2n(tailnet: Tailnet) -> None:
     assert r.returncode == 0 and "status 200" in r.stdout, r.stdout + r.stderr
     c2n_body = json.loads(r.stdout.split("\n", 1)[1])
     assert c2n_body == n2.api("debug-rejects")
-    table = n1.cli("debug", "rejects")
+    table = n1.nodeagent("debug", "rejects")
     assert "refused by the tailnet policy on n2" in table.stdout
 
 

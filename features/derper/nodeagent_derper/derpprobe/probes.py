@@ -38,14 +38,14 @@ from nacl.public import PrivateKey
 
 from nodeagent.derp.client import DerpClient, ReceivedPacket
 from nodeagent.derp.debugcheck import stun_address
-from nodeagent.derp.frames import ProtocolError
-from nodeagent.derp.manager import (
+from nodeagent.derp.dial import (
     DerpDialError,
     derp_nodes,
     describe_error,
     dial_node,
     open_node_stream,
 )
+from nodeagent.derp.frames import ProtocolError
 from nodeagent.tailcfg import DERPMap, DERPNode, DERPRegion
 
 __all__ = ["EXPIRES_SOON_DAYS", "FAIL", "LOGIN", "MESH", "OK", "PACKET", "PROBES", "SKIP",
