@@ -11,7 +11,8 @@ setup(
     ext_modules=[
         Extension(
             "nodeagent._accel",
-            sources=["nodeagent/_accel.c"],
+            sources=["nodeagent/_accel.c", "nodeagent/_accel_wg.c"],
+            depends=["nodeagent/_accel.h"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,

@@ -6,18 +6,17 @@
  * and a TUN read loop that drains the fd in one call. Every function mirrors a pure-Python one
  * (nodeagent/engine/wireguard/core.py _seal / receive_into, nodeagent/tundev/vnet.py
  * split_read, nodeagent/packet/checksum.py checksum, nodeagent/tundev/device.py _readable) and
- * tests run both against each other. nodeagent/accel.py decides at import whether this module is
+ * tests run both against each other. The WireGuard sessions, their replay windows and the receive
+ * run live in _accel_wg.c; _accel.h holds what the two share. nodeagent/accel.py decides at import whether this module is
  * used (NODEAGENT_NO_ACCEL=1: never). No function here raises on malformed packet bytes: a read
  * it cannot make sense of yields no packets, a datagram that does not authenticate yields None.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_accel.h"
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
-#include <openssl/evp.h>
 
 #define VNET_HDR_LEN 10
 #define READ_SIZE (65535 + VNET_HDR_LEN)
@@ -29,10 +28,6 @@
 #define TCP_FIN 0x01
 #define TCP_PSH 0x08
 #define TCP_CWR 0x80
-#define MSG_TRANSPORT 4
-#define TAG 16
-
-static const uint8_t ZERO16[16];
 
 /* --- checksum ------------------------------------------------------------------------------- */
 
@@ -82,6 +77,10 @@ static PyObject *py_checksum(PyObject *self, PyObject *args)
             PyBuffer_Release(&b);
             return NULL;
         }
+        /* A nonzero multiple of 0xFFFF is ones'-complement -0 (0xFFFF), not +0: the sum of
+         * an all-zero buffer then checksums to 0, as checksum.py says. */
+        if (s == 0 && PyObject_IsTrue(initial) == 1)
+            s = 0xFFFF;
     }
     s = sum_be(b.buf, b.len, s);
     PyBuffer_Release(&b);
@@ -89,17 +88,6 @@ static PyObject *py_checksum(PyObject *self, PyObject *args)
 }
 
 /* --- vnet-header reads ---------------------------------------------------------------------- */
-
-static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
-static inline uint32_t be32(const uint8_t *p)
-{
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
-}
-static inline void put16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xFF; }
-static inline void put32(uint8_t *p, uint32_t v)
-{
-    p[0] = v >> 24; p[1] = (v >> 16) & 0xFF; p[2] = (v >> 8) & 0xFF; p[3] = v & 0xFF;
-}
 
 /* Append one finished TCP segment built from the super-segment's headers. */
 static int tcp_segment(PyObject *out, const uint8_t *pkt, int ihl, int thl, const uint8_t *data,
@@ -511,177 +499,9 @@ fail:
     return NULL;
 }
 
-/* --- ChaCha20-Poly1305 sessions ------------------------------------------------------------- */
-
-typedef struct {
-    PyObject_HEAD
-    EVP_CIPHER_CTX *enc;
-    EVP_CIPHER_CTX *dec;
-} Session;
-
-static void session_dealloc(Session *s)
-{
-    if (s->enc)
-        EVP_CIPHER_CTX_free(s->enc);
-    if (s->dec)
-        EVP_CIPHER_CTX_free(s->dec);
-    Py_TYPE(s)->tp_free((PyObject *)s);
-}
-
-static int session_init(Session *s, PyObject *args, PyObject *kw)
-{
-    Py_buffer send_key, recv_key;
-    if (!PyArg_ParseTuple(args, "y*y*", &send_key, &recv_key))
-        return -1;
-    int ok = send_key.len == 32 && recv_key.len == 32;
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "session keys are 32 bytes");
-    } else {
-        if (s->enc == NULL)
-            s->enc = EVP_CIPHER_CTX_new();
-        if (s->dec == NULL)
-            s->dec = EVP_CIPHER_CTX_new();
-        const EVP_CIPHER *c = EVP_chacha20_poly1305();
-        ok = s->enc && s->dec
-             && EVP_EncryptInit_ex(s->enc, c, NULL, NULL, NULL)
-             && EVP_CIPHER_CTX_ctrl(s->enc, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL)
-             && EVP_EncryptInit_ex(s->enc, NULL, NULL, send_key.buf, NULL)
-             && EVP_DecryptInit_ex(s->dec, c, NULL, NULL, NULL)
-             && EVP_CIPHER_CTX_ctrl(s->dec, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL)
-             && EVP_DecryptInit_ex(s->dec, NULL, NULL, recv_key.buf, NULL);
-        if (!ok)
-            PyErr_SetString(PyExc_RuntimeError, "OpenSSL ChaCha20-Poly1305 setup failed");
-    }
-    PyBuffer_Release(&send_key);
-    PyBuffer_Release(&recv_key);
-    return ok ? 0 : -1;
-}
-
-static void nonce_of(uint8_t nonce[12], uint64_t ctr)
-{
-    memset(nonce, 0, 4);
-    for (int i = 0; i < 8; i++)
-        nonce[4 + i] = (uint8_t)(ctr >> (8 * i));
-}
-
-/* seal_many(remote_index, counter, packets, mtu) -> list[bytes] | None
- * Each packet padded to a multiple of 16 (not past mtu), prefixed with the transport header,
- * counters from `counter` on. None (nothing sealed) if a packet is longer than mtu: the caller
- * then takes the pure-Python path, which knows that rare case. */
-static PyObject *session_seal_many(Session *s, PyObject *args)
-{
-    unsigned int ridx;
-    unsigned long long ctr;
-    PyObject *pkts;
-    int mtu;
-    if (!PyArg_ParseTuple(args, "IKO!i", &ridx, &ctr, &PyList_Type, &pkts, &mtu))
-        return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(pkts);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *p = PyList_GET_ITEM(pkts, i);
-        if (!PyBytes_Check(p) || (mtu > 0 && PyBytes_GET_SIZE(p) > mtu))
-            Py_RETURN_NONE;
-    }
-    PyObject *out = PyList_New(count);
-    if (out == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < count; i++, ctr++) {
-        PyObject *p = PyList_GET_ITEM(pkts, i);
-        Py_ssize_t n = PyBytes_GET_SIZE(p);
-        Py_ssize_t size = n + ((-n) & 15);
-        if (mtu > 0 && size > mtu)
-            size = mtu;
-        PyObject *b = PyBytes_FromStringAndSize(NULL, 16 + size + TAG);
-        if (b == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(b);
-        o[0] = MSG_TRANSPORT; o[1] = o[2] = o[3] = 0;
-        for (int k = 0; k < 4; k++)
-            o[4 + k] = (uint8_t)(ridx >> (8 * k));
-        for (int k = 0; k < 8; k++)
-            o[8 + k] = (uint8_t)(ctr >> (8 * k));
-        uint8_t nonce[12];
-        nonce_of(nonce, ctr);
-        int l1 = 0, l2 = 0, l3 = 0;
-        int ok = EVP_EncryptInit_ex(s->enc, NULL, NULL, NULL, nonce)
-                 && (n == 0 || EVP_EncryptUpdate(s->enc, o + 16, &l1,
-                                                 (const uint8_t *)PyBytes_AS_STRING(p), (int)n))
-                 && (size == n || EVP_EncryptUpdate(s->enc, o + 16 + l1, &l2, ZERO16,
-                                                    (int)(size - n)))
-                 && EVP_EncryptFinal_ex(s->enc, o + 16 + l1 + l2, &l3)
-                 && EVP_CIPHER_CTX_ctrl(s->enc, EVP_CTRL_AEAD_GET_TAG, TAG, o + 16 + size);
-        if (!ok || l1 + l2 + l3 != size) {
-            Py_DECREF(b);
-            Py_DECREF(out);
-            PyErr_SetString(PyExc_RuntimeError, "OpenSSL ChaCha20-Poly1305 encrypt failed");
-            return NULL;
-        }
-        PyList_SET_ITEM(out, i, b);
-    }
-    return out;
-}
-
-/* open(datagram) -> bytes | None: the plaintext of a transport message (header already
- * checked by the caller, counter read from it), None when it does not authenticate. */
-static PyObject *session_open(Session *s, PyObject *arg)
-{
-    Py_buffer d;
-    if (PyObject_GetBuffer(arg, &d, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const uint8_t *in = d.buf;
-    Py_ssize_t clen = d.len - 16 - TAG;
-    if (clen < 0 || clen > INT32_MAX) {
-        PyBuffer_Release(&d);
-        Py_RETURN_NONE;
-    }
-    uint64_t ctr = 0;
-    for (int k = 7; k >= 0; k--)
-        ctr = (ctr << 8) | in[8 + k];
-    uint8_t nonce[12];
-    nonce_of(nonce, ctr);
-    PyObject *b = PyBytes_FromStringAndSize(NULL, clen);
-    if (b == NULL) {
-        PyBuffer_Release(&d);
-        return NULL;
-    }
-    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(b);
-    int l1 = 0, l2 = 0;
-    int ok = EVP_DecryptInit_ex(s->dec, NULL, NULL, NULL, nonce)
-             && (clen == 0 || EVP_DecryptUpdate(s->dec, o, &l1, in + 16, (int)clen))
-             && EVP_CIPHER_CTX_ctrl(s->dec, EVP_CTRL_AEAD_SET_TAG, TAG,
-                                    (void *)(in + 16 + clen))
-             && EVP_DecryptFinal_ex(s->dec, o + l1, &l2) > 0;
-    PyBuffer_Release(&d);
-    if (!ok) {
-        Py_DECREF(b);
-        Py_RETURN_NONE;
-    }
-    return b;
-}
-
-static PyMethodDef session_methods[] = {
-    {"seal_many", (PyCFunction)session_seal_many, METH_VARARGS,
-     "seal_many(remote_index, counter, packets, mtu) -> list of transport messages, or None"},
-    {"open", (PyCFunction)session_open, METH_O,
-     "open(datagram) -> plaintext, or None when it does not authenticate"},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject SessionType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "nodeagent._accel.Session",
-    .tp_basicsize = sizeof(Session),
-    .tp_dealloc = (destructor)session_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Session(send_key, recv_key): one WireGuard session's two AEAD directions",
-    .tp_methods = session_methods,
-    .tp_init = (initproc)session_init,
-    .tp_new = PyType_GenericNew,
-};
-
 static PyMethodDef module_methods[] = {
+    {"open_run", accel_open_run, METH_VARARGS,
+     "open_run(buf, offset, seg, keypairs, now, reject_after) -> (stop, groups, drops)"},
     {"checksum", py_checksum, METH_VARARGS, "checksum(data, initial=0) -> Internet checksum"},
     {"split_read", py_split_read, METH_O, "split_read(buf) -> IP packets of one vnet read"},
     {"coalesce", py_coalesce, METH_O, "coalesce(packets) -> TUN writes with vnet headers"},
@@ -697,14 +517,10 @@ static struct PyModuleDef accel_module = {
 
 PyMODINIT_FUNC PyInit__accel(void)
 {
-    if (PyType_Ready(&SessionType) < 0)
-        return NULL;
     PyObject *m = PyModule_Create(&accel_module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&SessionType);
-    if (PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0) {
-        Py_DECREF(&SessionType);
+    if (accel_wg_add(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -111,11 +111,22 @@ class Engine:
     def _route_out(self, pkts: list[bytes]) -> None:
         routes = self.routes
         batches: dict[str, list[bytes]] = {}
+        # A burst is mostly one flow: the previous destination's route is reused when the
+        # version and the destination bytes are the same.
+        last_dst = None
+        last_v = 0
+        peer = None
         for pkt in pkts:
             if pkt[0] >> 4 == 4:
-                peer = routes.lookup(4, int.from_bytes(pkt[16:20], "big"))
+                dst = pkt[16:20]
+                if dst != last_dst or last_v != 4:
+                    peer = routes.lookup(4, int.from_bytes(dst, "big"))
+                    last_dst, last_v = dst, 4
             else:
-                peer = routes.lookup(6, int.from_bytes(pkt[24:40], "big"))
+                dst = pkt[24:40]
+                if dst != last_dst or last_v != 6:
+                    peer = routes.lookup(6, int.from_bytes(dst, "big"))
+                    last_dst, last_v = dst, 6
             if peer is None:
                 self.counters["no_route"] += 1
                 continue
@@ -138,17 +149,26 @@ class Engine:
         another's addresses."""
         routes = self.routes
         ok = []
+        # A burst is mostly one flow: the verdict for the previous source address is reused
+        # (4 bytes for IPv4, 16 for IPv6, so the two never compare equal).
+        last_src = b""
+        last_ok = False
         for pkt in pkts:
             if not pkt:
                 continue
             v = pkt[0] >> 4
             if v == 4 and len(pkt) >= 20:
-                peer = routes.lookup(4, int.from_bytes(pkt[12:16], "big"))
+                src = pkt[12:16]
             elif v == 6 and len(pkt) >= 40:
-                peer = routes.lookup(6, int.from_bytes(pkt[8:24], "big"))
+                src = pkt[8:24]
             else:
-                peer = None
-            if peer is None or peer.key != peer_key:
+                self.counters["bad_source"] += 1
+                continue
+            if src != last_src:
+                peer = routes.lookup(v, int.from_bytes(src, "big"))
+                last_src = src
+                last_ok = peer is not None and peer.key == peer_key
+            if not last_ok:
                 self.counters["bad_source"] += 1
                 continue
             ok.append(pkt)

@@ -27,6 +27,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from nodeagent.engine.core import PeerConfig, PeerState
@@ -36,7 +37,6 @@ from nodeagent.engine.udpbatch import (
     UdpOffload,
     gro_segment_size,
     gso_groups,
-    split_gro,
 )
 from nodeagent.engine.wireguard import PeerSpec, WGConfig, WireGuardCore
 from nodeagent.engine.wireguard import messages as msg
@@ -235,13 +235,14 @@ class WireGuardTransport:
         """WireGuard datagrams that arrived another way, decrypted and delivered together."""
         to_send: list[tuple[Any, bytes]] = []
         plain: list[tuple[bytes, bytes]] = []
-        receive_into = self.core.receive_into
+        by_peer: dict[bytes, list[bytes]] = {}
+        core = self.core
         for data, src in items:
-            receive_into(data, src, to_send, plain)
+            core.receive_buffer(data, 0, src, to_send, plain, by_peer)
         if to_send:
             self._sendto(to_send)
-        if plain:
-            self._deliver_plain(plain)
+        if plain or by_peer:
+            self._deliver_plain(plain, by_peer)
 
     def _log_bad_destination(self, e: BadDestination) -> None:
         text = str(e)
@@ -257,7 +258,9 @@ class WireGuardTransport:
         gro = offload.gro
         to_send: list[tuple[Any, bytes]] = []
         plain: list[tuple[bytes, bytes]] = []
-        receive_into = self.core.receive_into
+        by_peer: dict[bytes, list[bytes]] = {}
+        core = self.core
+        receive_buffer = core.receive_buffer
         n = gro_buffers = 0
         router = self.router
         for _ in range(READ_BATCH):
@@ -265,42 +268,38 @@ class WireGuardTransport:
                 if gro:
                     data, anc, _flags, src = sock.recvmsg(RECV_SIZE, GRO_CMSG_SPACE)
                     seg = gro_segment_size(anc) if anc else 0
-                    if 0 < seg < len(data):
-                        # One buffer holding a run of datagrams from one source.
-                        gro_buffers += 1
-                        ep = src[:2]
-                        for d in split_gro(data, seg):
-                            if router is not None and (d[0] > 4 or d[1]):
-                                router.on_udp_other(d, _unmap(ep))
-                            else:
-                                receive_into(d, ep, to_send, plain)
-                            n += 1
-                        continue
+                    if not 0 < seg < len(data):
+                        seg = 0
+                    else:
+                        gro_buffers += 1  # one buffer holding a run of datagrams from one source
                 else:
                     data, src = sock.recvfrom(RECV_SIZE)
+                    seg = 0
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break  # ICMP errors surface here on Linux; nothing to do with them
-            n += 1
+            ep = src[:2]
             # WireGuard messages start with a type 1-4 and three zero bytes; anything else
             # (disco, STUN) belongs to the path router.
-            if router is not None and len(data) > 1 and (data[0] > 4 or data[1]):
-                router.on_udp_other(data, _unmap(src[:2]))
-                continue
-            receive_into(data, src[:2], to_send, plain)
+            n += receive_buffer(data, seg, ep, to_send, plain, by_peer,
+                                None if router is None else partial(_to_router, router, ep))
         self.counters["rx_datagrams"] += n
         offload.counters["gro_buffers"] += gro_buffers
         if to_send:
             self._sendto(to_send)
-        if plain:
-            self._deliver_plain(plain)
+        if plain or by_peer:
+            self._deliver_plain(plain, by_peer)
 
-    def _deliver_plain(self, plain: list[tuple[bytes, bytes]]) -> None:
+    def _deliver_plain(self, plain: list[tuple[bytes, bytes]],
+                       by_peer: dict[bytes, list[bytes]] | None = None) -> None:
+        """Hand decrypted packets to the data path, one call per peer. ``by_peer`` (from the
+        compiled run) is extended with ``plain`` (from ``receive_into``) in place."""
         deliver = self._deliver
         if deliver is None:
             return
-        by_peer: dict[bytes, list[bytes]] = {}
+        if by_peer is None:
+            by_peer = {}
         for key, pkt in plain:
             lst = by_peer.get(key)
             if lst is None:
@@ -387,6 +386,10 @@ class WireGuardTransport:
             s.append(("nodeagent_wireguard_dropped_total",
                       "WireGuard messages dropped, by reason", {"reason": reason}, n))
         return s
+
+
+def _to_router(router: PathRouter, ep: tuple[str, int], data: bytes) -> None:
+    router.on_udp_other(data, _unmap(ep))
 
 
 def _unmap(addr: tuple[str, int]) -> tuple[str, int]:

@@ -7,8 +7,9 @@ every ~0.25 s (or at ``next_deadline()``); whatever the core wants sent comes ba
 ``receive``. Timing follows the whitepaper (section 6) with every constant in ``WGConfig``.
 Everything nondeterministic is injectable: ``clock``/``wallclock`` (timers, TAI64N timestamps)
 and ``rng`` (ephemeral keys, session indices, retransmit jitter, cookie secrets and nonces).
-Handshake processing lives in the ``handshake`` mixin; this module holds configuration, the
-transport-data paths (both directions) and the timers.
+Handshake processing lives in the ``handshake`` mixin, the compiled receive run over whole GRO
+buffers in the ``rxrun`` mixin; this module holds configuration, the transport-data paths (both
+directions) and the timers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nodeagent.engine.wireguard.messages import (
 )
 from nodeagent.engine.wireguard.noise import ZERO_PSK, initial_hash
 from nodeagent.engine.wireguard.peer import Endpoint, Keypair, Peer
+from nodeagent.engine.wireguard.rxrun import ReceiveRunMixin
 
 DROP_REASONS = (
     "short", "bad_type", "bad_length", "bad_mac1", "unknown_receiver", "unknown_peer",
@@ -67,7 +69,7 @@ class Result:
         self.plaintexts: list[tuple[bytes, bytes]] = []
 
 
-class WireGuardCore(HandshakeMixin):
+class WireGuardCore(HandshakeMixin, ReceiveRunMixin):
     """One WireGuard interface's protocol state (see the module docstring)."""
 
     def __init__(self, private_key: bytes, *, clock: Callable[[], float] = time.monotonic,
@@ -371,6 +373,8 @@ class WireGuardCore(HandshakeMixin):
 
     def _confirm_next(self, peer: Peer, kp: Keypair, now: float, out: Outgoing) -> None:
         """A responder's new session got its first packet: it becomes current."""
+        if kp.fast is not None:
+            kp.fast.confirm = False
         if peer.previous is not None:
             self._keypairs.pop(peer.previous.local_index, None)
         peer.previous = peer.current

@@ -35,14 +35,23 @@ class Keypair:
                  created: float, initiator: bool, peer: Peer, reject_after_messages: int) -> None:
         self.send = AEAD(send_key)  # built once per session: no per-packet key setup
         self.recv = AEAD(recv_key)
-        # The compiled session (both directions, keyed once) when the accelerator is in use.
-        self.fast = ACCEL.Session(send_key, recv_key) if ACCEL is not None else None
+        # The compiled session (both directions, keyed once) when the accelerator is in use; it
+        # then also holds the replay window, so the UDP run (``open_run``) and single datagrams
+        # (DERP) move one window. A responder's session starts as ``next``: ``confirm`` makes
+        # ``open_run`` stop after its first packet, for the core to promote it.
+        self.fast = (ACCEL.Session(send_key, recv_key, created, reject_after_messages)
+                     if ACCEL is not None else None)
         self.send_counter = 0
         self.local_index = local_index
         self.remote_index = remote_index
         self.created = created
         self.initiator = initiator
-        self.replay = ReplayWindow(reject_after_messages)
+        self.replay: ReplayWindow | Any
+        if self.fast is not None:
+            self.fast.confirm = not initiator
+            self.replay = self.fast  # same update/check as ReplayWindow
+        else:
+            self.replay = ReplayWindow(reject_after_messages)
         self.peer = peer
 
 
