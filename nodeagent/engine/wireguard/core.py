@@ -337,18 +337,7 @@ class WireGuardCore(HandshakeMixin, ReceiveRunMixin):
                 drops["replay"] += 1
                 return
             peer = kp.peer
-            peer.rx_bytes += n
-            if src != peer.endpoint and peer.roaming:
-                peer.endpoint = src  # roaming: answer where authenticated traffic comes from
-            if kp is peer.next:
-                self._confirm_next(peer, kp, now, to_send)
-            peer.new_handshake_at = 0.0
-            if peer.persistent_keepalive:
-                peer.persistent_at = now + peer.persistent_keepalive
-            if (kp.initiator and not peer.sent_last_minute_handshake
-                    and now - kp.created >= self._rekey_on_receive and kp is peer.current):
-                peer.sent_last_minute_handshake = True
-                self._initiate(peer, now, to_send, retry=False)
+            self._authentic_rx(peer, kp, src, n, now, to_send)
             m = len(pt)
             if m == 0:
                 return  # keepalive
@@ -370,6 +359,24 @@ class WireGuardCore(HandshakeMixin, ReceiveRunMixin):
             plaintexts.append((peer.public_key, pt))
         except Exception:  # a bug must cost one packet, not the receive loop
             drops["internal_error"] += 1
+
+    def _authentic_rx(self, peer: Peer, kp: Keypair, src: Endpoint, nbytes: int, now: float,
+                      to_send: Outgoing) -> None:
+        """What authenticated transport data of ``kp`` (``nbytes`` on the wire, from ``src``)
+        tells the peer's timers: roaming, confirming ``next``, keepalive and rekey deadlines.
+        Called per datagram by ``receive_into`` and once per burst by ``receive_run``."""
+        peer.rx_bytes += nbytes
+        if src != peer.endpoint and peer.roaming:
+            peer.endpoint = src  # roaming: answer where authenticated traffic comes from
+        if kp is peer.next:
+            self._confirm_next(peer, kp, now, to_send)
+        peer.new_handshake_at = 0.0
+        if peer.persistent_keepalive:
+            peer.persistent_at = now + peer.persistent_keepalive
+        if (kp.initiator and not peer.sent_last_minute_handshake
+                and now - kp.created >= self._rekey_on_receive and kp is peer.current):
+            peer.sent_last_minute_handshake = True
+            self._initiate(peer, now, to_send, retry=False)
 
     def _confirm_next(self, peer: Peer, kp: Keypair, now: float, out: Outgoing) -> None:
         """A responder's new session got its first packet: it becomes current."""

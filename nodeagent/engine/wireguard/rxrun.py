@@ -34,17 +34,14 @@ class ReceiveRunMixin:
     _clock: Callable[[], float]
     _keypairs: dict[int, Keypair]
     _reject_after_time: float
-    _rekey_on_receive: float
 
     def receive_into(self, datagram: bytes, src: Endpoint, to_send: Outgoing,
                      plaintexts: list[tuple[bytes, bytes]]) -> None:
         raise NotImplementedError  # provided by WireGuardCore
 
-    def _confirm_next(self, peer: Peer, kp: Keypair, now: float, out: Outgoing) -> None:
+    def _authentic_rx(self, peer: Peer, kp: Keypair, src: Endpoint, nbytes: int, now: float,
+                      to_send: Outgoing) -> None:
         raise NotImplementedError  # provided by WireGuardCore
-
-    def _initiate(self, peer: Peer, now: float, out: Outgoing, retry: bool) -> None:
-        raise NotImplementedError  # provided by HandshakeMixin
 
     def receive_buffer(self, data: bytes, seg: int, src: Endpoint, to_send: Outgoing,
                        plaintexts: list[tuple[bytes, bytes]], delivered: dict[bytes, list[bytes]],
@@ -101,20 +98,9 @@ class ReceiveRunMixin:
         for kp, pts, nbytes, nonempty in groups:
             try:
                 peer = kp.peer
-                peer.rx_bytes += nbytes
-                if src != peer.endpoint and peer.roaming:
-                    peer.endpoint = src
-                if kp is peer.next:
-                    self._confirm_next(peer, kp, now, to_send)
-                elif kp.fast.confirm:
+                if kp is not peer.next and kp.fast.confirm:
                     kp.fast.confirm = False  # left ``next`` unconfirmed: never will be now
-                peer.new_handshake_at = 0.0
-                if peer.persistent_keepalive:
-                    peer.persistent_at = now + peer.persistent_keepalive
-                if (kp.initiator and not peer.sent_last_minute_handshake
-                        and now - kp.created >= self._rekey_on_receive and kp is peer.current):
-                    peer.sent_last_minute_handshake = True
-                    self._initiate(peer, now, to_send, retry=False)
+                self._authentic_rx(peer, kp, src, nbytes, now, to_send)
                 if nonempty and not peer.keepalive_at:
                     peer.keepalive_at = now + self.config.keepalive_timeout
                 if pts:
